@@ -1,0 +1,94 @@
+"""`python -m dataprep {sample,convert,verify,inspect,bench}`: thin entry point."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    return int(v) if v not in (None, "") else default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dataprep", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("sample", help="write synthetic co-registered image sets and a manifest")
+    s.add_argument("--out", required=True)
+    s.add_argument("--sets", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--hr-size", type=int, default=256)
+    s.add_argument("--s2-size", type=int, default=64)
+    s.add_argument("--missing-rate", type=float, default=0.1)
+
+    c = sub.add_parser("convert", help="convert a manifest into a sharded Zarr dataset")
+    c.add_argument("--manifest", required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--root", default=None, help="reject any path that resolves outside this directory")
+    c.add_argument("--workers", type=int, default=1)
+    c.add_argument("--shard-size", type=int, default=256)
+    c.add_argument("--hr-size", type=int, default=256)
+    c.add_argument("--s2-size", type=int, default=64)
+    c.add_argument("--frames-per-chunk-shard", type=int, default=64)
+    c.add_argument("--codec", choices=("blosc", "zstd"), default="blosc")
+    c.add_argument("--clevel", type=int, default=3)
+    c.add_argument("--crop", action="store_true", help="centre-crop larger rasters instead of rejecting them")
+    c.add_argument("--strict", action="store_true", help="stop at the first rejected row")
+    c.add_argument("--rank", type=int, default=_env_int("RANK", 0))
+    c.add_argument("--world-size", type=int, default=_env_int("WORLD_SIZE", 1))
+    c.add_argument("--metrics-port", type=int, default=None)
+    c.add_argument("--no-progress", action="store_true")
+
+    v = sub.add_parser("verify", help="read every chunk and cross-check the index against the stores")
+    v.add_argument("dir")
+    i = sub.add_parser("inspect", help="counts, sizes, compression, statistics, dates, rejects")
+    i.add_argument("dir")
+    i.add_argument("--json", action="store_true")
+
+    b = sub.add_parser("bench", help="conversion / codec / read benchmark")
+    b.add_argument("--sets", type=int, default=64)
+    b.add_argument("--hr-size", type=int, default=256)
+    b.add_argument("--s2-size", type=int, default=64)
+    b.add_argument("--workdir", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "sample":
+        from .sample import write_sample
+
+        man = write_sample(args.out, args.sets, args.seed, args.hr_size, args.s2_size, args.missing_rate)
+        print(man)
+        return 0
+    if args.cmd == "convert":
+        from .convert import ConvertConfig, convert
+        from .shard import ShardConfig
+
+        shard = ShardConfig(hr_size=args.hr_size, s2_size=args.s2_size, shard_size=args.shard_size,
+                            frames_per_chunk_shard=args.frames_per_chunk_shard, codec=args.codec,
+                            clevel=args.clevel, crop=args.crop)  # fmt: skip
+        cfg = ConvertConfig(manifest=args.manifest, out=args.out, root=args.root, shard=shard, workers=args.workers,
+                            rank=args.rank, world_size=args.world_size, strict=args.strict,
+                            progress=not args.no_progress, metrics_port=args.metrics_port)  # fmt: skip
+        return convert(cfg)
+    if args.cmd == "verify":
+        from .verify import verify
+
+        return verify(args.dir)
+    if args.cmd == "inspect":
+        from .inspect_ import inspect_dataset
+
+        return inspect_dataset(args.dir, as_json=args.json)
+    if args.cmd == "bench":
+        from .bench import bench
+
+        return bench(sets=args.sets, hr_size=args.hr_size, s2_size=args.s2_size, workdir=args.workdir)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

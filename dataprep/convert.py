@@ -1,0 +1,253 @@
+"""`python -m dataprep convert`: plan the manifest, convert this rank's shards with N worker processes,
+then (rank 0) merge the per-shard metadata into index.parquet, errors.parquet and dataset.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import Reject
+from .manifest import plan, sha256_file
+from .schema import HR_BANDS, REGION_DEG, S1_BANDS, S2_BANDS, SCHEMA_VERSION, n_regions
+from .shard import ShardConfig, StrictStop, read_shard_meta, shard_name, write_shard
+
+
+@dataclass(kw_only=True, slots=True)
+class ConvertConfig:
+    """A conversion run: inputs, output, the shard layout and how the work is split."""
+
+    manifest: str
+    out: str
+    root: str | None = None  # confine every path to this directory
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    workers: int = 1
+    rank: int = 0
+    world_size: int = 1
+    strict: bool = False
+    progress: bool = True
+    metrics_port: int | None = None
+    merge_timeout_s: float = 24 * 3600.0  # rank 0 waits this long for the other ranks' shards
+
+
+INDEX_SCHEMA = pa.schema([
+    ("id", pa.string()), ("shard", pa.int32()), ("row", pa.int32()), ("manifest_row", pa.int64()),
+    ("lon", pa.float64()), ("lat", pa.float64()), ("region", pa.int32()), ("label", pa.int32()),
+    ("has_hr", pa.bool_()), ("has_osm", pa.bool_()), ("n_s2", pa.int32()), ("n_s1", pa.int32()),
+    ("s2_start", pa.int64()), ("s1_start", pa.int64()),
+    ("s2_dates", pa.list_(pa.int32())), ("s1_dates", pa.list_(pa.int32())),
+    ("hr_crc32c", pa.uint32()), ("s2_crc32c", pa.uint32()), ("s1_crc32c", pa.uint32()), ("source", pa.string()),
+])  # fmt: skip
+ERRORS_SCHEMA = pa.schema([
+    ("id", pa.string()), ("manifest_row", pa.int64()), ("shard", pa.int32()), ("kind", pa.string()),
+    ("message", pa.string()), ("path", pa.string()),
+])  # fmt: skip
+
+
+class _Metrics:
+    """Prometheus counters, served only when a port is given."""
+
+    def __init__(self, port: int | None):
+        self.on = port is not None
+        if not self.on:
+            return
+        from prometheus_client import CollectorRegistry, Counter, start_http_server
+
+        self.registry = CollectorRegistry()  # own registry: several runs in one process must not collide
+        kw = {"registry": self.registry}
+        self.sets = Counter("dataprep_sets", "image sets converted", **kw)
+        self.rows = Counter("dataprep_rows", "manifest rows processed (converted or rejected)", **kw)
+        self.bytes_in = Counter("dataprep_bytes_in", "bytes of source files read", **kw)
+        self.bytes_out = Counter("dataprep_bytes_out", "bytes of shard stores written", **kw)
+        self.rejects = Counter("dataprep_rejects", "rejected manifest rows", ["kind"], **kw)
+        self.shards = Counter("dataprep_shards", "shard stores committed", **kw)
+        self.server, self.thread = start_http_server(port, registry=self.registry)
+
+    def close(self) -> None:
+        if self.on:
+            self.server.shutdown()
+
+    def update(self, s: dict) -> None:
+        if not self.on:
+            return
+        self.sets.inc(s["sets"])
+        self.rows.inc(s["rows"])
+        self.bytes_in.inc(s["bytes_in"])
+        self.bytes_out.inc(s["bytes_out"])
+        self.shards.inc()
+        for k, v in s["rejects"].items():
+            self.rejects.labels(kind=k).inc(v)
+
+
+def _work(args):
+    k, items, cfg, shards_dir, strict = args
+    return write_shard(k, items, cfg, shards_dir, strict)
+
+
+def _clean_tmp(shards_dir: str, mine: set[int]) -> None:
+    """Remove temporary shards left by killed runs (only for shards this rank owns)."""
+    for name in os.listdir(shards_dir):
+        if name.startswith(".tmp-shard-"):
+            k = int(name[len(".tmp-shard-") :].split(".", 1)[0])
+            if k in mine:
+                shutil.rmtree(os.path.join(shards_dir, name), ignore_errors=True)
+
+
+def convert(cfg: ConvertConfig) -> int:
+    """Run one rank of a conversion. Returns the exit status: 0 clean, 1 rows rejected, 2 stopped/failed."""
+    K = cfg.shard.shard_size
+    info: dict = {}
+    try:
+        items = plan(cfg.manifest, cfg.root, keep=lambda row: (row // K) % cfg.world_size == cfg.rank, info=info)
+    except (OSError, ValueError) as e:  # the manifest itself is unreadable: nothing to convert row by row
+        print(f"dataprep: cannot read manifest {cfg.manifest}: {e}", file=sys.stderr)
+        return 2
+    cfg.shard.has_osm = info["has_osm"]
+    n_shards = max(1, math.ceil(len(items) / K))
+    if cfg.strict:
+        first = next((it for it in items if isinstance(it, Reject)), None)
+        if first is not None:
+            print(f"dataprep: --strict: manifest row {first.row}: {first.kind}: {first.message}", file=sys.stderr)
+            return 2
+    shards_dir = os.path.join(cfg.out, "shards")
+    os.makedirs(shards_dir, exist_ok=True)
+    mine = list(range(cfg.rank, n_shards, cfg.world_size))
+    _clean_tmp(shards_dir, set(mine))
+    fp = cfg.shard.fingerprint()
+    todo = []
+    for k in mine:
+        meta = read_shard_meta(os.path.join(shards_dir, shard_name(k)))
+        if meta is None:
+            todo.append(k)
+        elif meta["config"] != fp:
+            print(f"dataprep: {shard_name(k)} was written with other settings {meta['config']}; "
+                  f"use a fresh --out or the same settings", file=sys.stderr)  # fmt: skip
+            return 2
+    metrics = _Metrics(cfg.metrics_port)
+    try:
+        return _run(cfg, items, n_shards, shards_dir, mine, todo, metrics)
+    finally:
+        metrics.close()
+
+
+def _run(cfg: ConvertConfig, items: list, n_shards: int, shards_dir: str, mine: list[int], todo: list[int],
+         metrics: _Metrics) -> int:  # fmt: skip
+    K = cfg.shard.shard_size
+    tasks = [(k, items[k * K : (k + 1) * K], cfg.shard, shards_dir, cfg.strict) for k in todo]
+    total_rows = sum(len(t[1]) for t in tasks)
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_rows, unit="set", desc=f"dataprep rank {cfg.rank}", disable=not cfg.progress)
+    status, pool = 0, None
+    try:
+        if cfg.workers <= 1:
+            results = map(_work, tasks)
+        else:
+            # fork is cheap and safe here: zarr resets its event loop in forked children (register_at_fork)
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            pool = mp.get_context(method).Pool(cfg.workers)
+            results = pool.imap_unordered(_work, tasks)
+        for s in results:
+            metrics.update(s)
+            bar.update(s["rows"])
+            bar.set_postfix(rejected=sum(s["rejects"].values()))
+        if pool is not None:
+            pool.close()
+            pool.join()
+    except StrictStop as e:
+        print(f"dataprep: --strict: {e}", file=sys.stderr)
+        if pool is not None:
+            pool.terminate()
+        return 2
+    finally:
+        bar.close()
+    if cfg.rank == 0:
+        deadline = time.monotonic() + cfg.merge_timeout_s
+        while not all(os.path.isdir(os.path.join(shards_dir, shard_name(k))) for k in range(n_shards)):
+            if time.monotonic() > deadline:
+                print("dataprep: timed out waiting for the other ranks' shards", file=sys.stderr)
+                return 2
+            time.sleep(1.0)
+        summary = merge(cfg, n_shards)
+        status = 1 if summary["rejected"] else 0
+        print(json.dumps({k: summary[k] for k in ("sets", "rejected", "shards", "rejected_by_kind")}))
+    else:
+        # Other ranks exit 0 on rejects (rank 0's merged status reports them): a launcher such as deepspeed's
+        # kills every rank when one exits non-zero, which would stop rank 0 mid-merge.
+        n_rej = sum(len(read_shard_meta(os.path.join(shards_dir, shard_name(k)))["errors"]) for k in mine)
+        print(json.dumps({"rank": cfg.rank, "shards": len(mine), "rejected": n_rej}))
+    return status
+
+
+def _write_atomic_table(table: pa.Table, path: str) -> None:
+    tmp = path + f".tmp-{os.getpid()}"
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def merge(cfg: ConvertConfig, n_shards: int) -> dict:
+    """Collect every shard's rows, errors and stats (in shard order) into the dataset-level files."""
+    shards_dir = os.path.join(cfg.out, "shards")
+    source = os.path.basename(cfg.manifest)
+    rows, errors = [], []
+    acc = {m: {"count": 0, "sum": None, "sumsq": None} for m in ("hr", "s2", "s1")}
+    frames = {"s2": 0, "s1": 0}
+    for k in range(n_shards):
+        meta = read_shard_meta(os.path.join(shards_dir, shard_name(k)))
+        for r in meta["rows"]:
+            rows.append({**r, "shard": k, "source": source})
+            frames["s2"] += r["n_s2"]
+            frames["s1"] += r["n_s1"]
+        errors.extend({**e, "shard": k} for e in meta["errors"])
+        for m, s in meta["stats"].items():
+            a = acc[m]
+            a["count"] += s["count"]
+            a["sum"] = np.array(s["sum"]) if a["sum"] is None else a["sum"] + np.array(s["sum"])
+            a["sumsq"] = np.array(s["sumsq"]) if a["sumsq"] is None else a["sumsq"] + np.array(s["sumsq"])
+    cols = {f.name: [r[f.name] for r in rows] for f in INDEX_SCHEMA}
+    _write_atomic_table(pa.table(cols, schema=INDEX_SCHEMA), os.path.join(cfg.out, "index.parquet"))
+    ecols = {f.name: [e[f.name] for e in errors] for f in ERRORS_SCHEMA}
+    _write_atomic_table(pa.table(ecols, schema=ERRORS_SCHEMA), os.path.join(cfg.out, "errors.parquet"))
+    stats = {}
+    for m, a in acc.items():
+        c = max(a["count"], 1)
+        mean = a["sum"] / c
+        std = np.sqrt(np.maximum(a["sumsq"] / c - mean**2, 0.0))
+        stats[m] = {"mean": mean.tolist(), "std": std.tolist(), "pixels_per_band": a["count"]}
+    by_kind: dict[str, int] = {}
+    for e in errors:
+        by_kind[e["kind"]] = by_kind.get(e["kind"], 0) + 1
+    summary = {
+        "schema_version": SCHEMA_VERSION,
+        "layout": "shards/shard-NNNNN.zarr (Zarr v3); see docs/dataprep.md",
+        "bands": {"hr": list(HR_BANDS), "s2": list(S2_BANDS), "s1": list(S1_BANDS)},
+        "dtypes": {"hr": "uint8", "s2": "uint16", "s1": "float32", "osm": "uint8"},
+        "units": {"s2": "reflectance x 1e4", "s1": "backscatter dB", "dates": "days since 1970-01-01"},
+        "hr_size": cfg.shard.hr_size,
+        "s2_size": cfg.shard.s2_size,
+        "shard_size": cfg.shard.shard_size,
+        "has_osm": cfg.shard.has_osm,
+        "stats": stats,
+        "sets": len(rows),
+        "rejected": len(errors),
+        "rejected_by_kind": dict(sorted(by_kind.items())),
+        "frames": frames,
+        "shards": n_shards,
+        "region": {"grid_deg": REGION_DEG, "n_regions": n_regions()},
+        "manifest": {"name": source, "sha256": sha256_file(cfg.manifest), "rows": len(rows) + len(errors)},
+        "config": cfg.shard.fingerprint(),
+    }
+    tmp = os.path.join(cfg.out, f"dataset.json.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(tmp, os.path.join(cfg.out, "dataset.json"))
+    return summary

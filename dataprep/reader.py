@@ -1,0 +1,132 @@
+"""DatasetReader: the trainer's random-access view of a dataprep dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .schema import DTYPES, N_BANDS, OSM_UNKNOWN
+from .shardio import FastArray, open_fast
+
+
+class DatasetReader:
+    """Lazy, fork-safe reader over a dataprep dataset: opens shard stores on first access in each process.
+
+    Index metadata (index.parquet) is loaded once into numpy arrays; zarr handles are opened per process
+    on first use and never pickled, so the reader can be handed to DataLoader workers (fork or spawn).
+    """
+
+    def __init__(self, root: str | os.PathLike, max_open_shards: int = 64, fast: bool = True):
+        import pyarrow.parquet as pq
+
+        self.root = Path(root)
+        with open(self.root / "dataset.json") as f:
+            self.info: dict = json.load(f)
+        self.stats: dict = {m: {"mean": v["mean"], "std": v["std"]} for m, v in self.info["stats"].items()}
+        self.hr_size: int = int(self.info["hr_size"])
+        self.s2_size: int = int(self.info["s2_size"])
+        self.has_osm: bool = bool(self.info.get("has_osm", False))
+        t = pq.read_table(self.root / "index.parquet")
+        self.ids = np.array(t.column("id").to_pylist(), dtype=object)
+        col = {n: t.column(n).to_numpy() for n in
+               ("shard", "row", "lon", "lat", "region", "label", "has_hr", "has_osm", "n_s2", "n_s1",
+                "s2_start", "s1_start")}  # fmt: skip
+        self._c = col
+        self._dates = {}
+        for m in ("s2", "s1"):
+            lst = t.column(f"{m}_dates").combine_chunks()
+            self._dates[m] = (lst.offsets.to_numpy().astype(np.int64), lst.values.to_numpy().astype(np.int32))
+        self.max_open_shards = max_open_shards
+        self._pid = None
+        self._open: dict[int, dict] = {}
+        self.fast = fast  # read dataprep's own shard layout directly (dataprep.shardio); False = through zarr
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_open"], state["_pid"] = {}, None  # never carry zarr handles across processes
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def meta(self, i: int) -> dict:
+        """id, lon, lat, region, label, has_hr, has_osm, shard, row, s2_dates / s1_dates (int32 days since epoch)."""
+        c = self._c
+        out = {"id": self.ids[i], "lon": float(c["lon"][i]), "lat": float(c["lat"][i]),
+               "region": int(c["region"][i]), "label": int(c["label"][i]), "has_hr": bool(c["has_hr"][i]),
+               "has_osm": bool(c["has_osm"][i]), "shard": int(c["shard"][i]), "row": int(c["row"][i])}  # fmt: skip
+        for m in ("s2", "s1"):
+            off, vals = self._dates[m]
+            out[f"{m}_dates"] = vals[off[i] : off[i + 1]].copy()
+        return out
+
+    def _arrays(self, shard: int) -> dict:
+        pid = os.getpid()
+        if self._pid != pid:  # first use in this process (or after a fork): drop inherited handles
+            self._open, self._pid = {}, pid
+        arrs = self._open.get(shard)
+        if arrs is None:
+            path = self.root / "shards" / f"shard-{shard:05d}.zarr"
+            names = ("hr", "s2", "s1") + (("osm",) if self.has_osm else ())
+            arrs = {n: open_fast(str(path / n)) for n in names} if self.fast else dict.fromkeys(names)
+            if any(a is None for a in arrs.values()):  # not our exact layout (or fast=False): zarr reads it
+                import zarr
+
+                g = zarr.open_group(path, mode="r", zarr_format=3)
+                arrs = {n: (a if a is not None else g[n]) for n, a in arrs.items()}
+            if len(self._open) >= self.max_open_shards:
+                self._open.pop(next(iter(self._open)))
+            self._open[shard] = arrs
+        return arrs
+
+    def read(self, i: int, modality: str, box: tuple[int, int, int, int] | None = None,
+             frames: Sequence[int] | None = None) -> np.ndarray:  # fmt: skip
+        """Pixels of set i. "hr" -> (3, h, w) uint8; "s2" -> (T, 10, h, w) uint16; "s1" -> (T, 2, h, w) float32;
+        "osm" -> (h, w) uint8. box = (y0, x0, y1, x1) in that modality's pixels (None = whole); frames =
+        indices into the set's time series (None = all). Reads only the chunks the box/frames touch."""
+        c = self._c
+        size = self.s2_size if modality in ("s2", "s1") else self.hr_size
+        y0, x0, y1, x1 = box if box is not None else (0, 0, size, size)
+        if not (0 <= y0 <= y1 <= size and 0 <= x0 <= x1 <= size):
+            raise IndexError(f"box {box} outside a {size}x{size} {modality} image")
+        arrs = self._arrays(int(c["shard"][i]))
+        row = int(c["row"][i])
+        if modality == "hr":
+            if not c["has_hr"][i]:
+                return np.zeros((3, y1 - y0, x1 - x0), np.uint8)
+            return _take(arrs["hr"], np.array([row]), (y0, x0, y1, x1))[0]
+        if modality == "osm":
+            if "osm" not in arrs:  # dataset without label rasters
+                return np.full((y1 - y0, x1 - x0), OSM_UNKNOWN, np.uint8)
+            return _take(arrs["osm"], np.array([row]), (y0, x0, y1, x1))[0]
+        if modality not in ("s2", "s1"):
+            raise KeyError(f"unknown modality {modality!r}")
+        n = int(c[f"n_{modality}"][i])
+        start = int(c[f"{modality}_start"][i])
+        if frames is None:
+            sel = np.arange(n)
+        else:
+            sel = np.asarray(frames, dtype=np.int64).reshape(-1)
+            if sel.size and (sel.min() < -n or sel.max() >= n):
+                raise IndexError(f"frames {list(sel)} outside a series of {n}")
+            sel = np.where(sel < 0, sel + n, sel)
+        if sel.size == 0:
+            return np.zeros((0, N_BANDS[modality], y1 - y0, x1 - x0), DTYPES[modality])
+        return _take(arrs[modality], start + sel, (y0, x0, y1, x1))
+
+
+def _take(a, first: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """a[first, ..., y0:y1, x0:x1] for a FastArray or a zarr array; first: (K,) int64."""
+    y0, x0, y1, x1 = box
+    if isinstance(a, FastArray):
+        return a.read(first, box)
+    if np.all(np.diff(first) == 1):  # contiguous: a plain slice
+        return a[int(first[0]) : int(first[-1]) + 1, ..., y0:y1, x0:x1]
+    return a.oindex[(first,) + (slice(None),) * (a.ndim - 3) + (slice(y0, y1), slice(x0, x1))]
