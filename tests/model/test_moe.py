@@ -1,0 +1,109 @@
+"""SkyMoE against DeepSpeed's own MoE (same weights) and hand-computed drop accounting / aux loss."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from deepspeed.moe.layer import MoE
+
+from trainer.model.moe import Mlp, SkyMoE, moe_capacity
+
+
+def _pair(dim=16, hidden=32, experts=4, **kw):
+    torch.manual_seed(0)
+    ours = SkyMoE(dim, hidden, num_experts=experts, capacity_factor=float(experts), min_capacity=0, **kw)
+    ds = MoE(
+        dim,
+        Mlp(dim, hidden),
+        num_experts=experts,
+        k=1,
+        capacity_factor=float(experts),
+        eval_capacity_factor=float(experts),
+        min_capacity=0,
+        use_rts=False,
+    )
+    ds.load_state_dict(ours.state_dict())  # same module tree and names as DeepSpeed's
+    return ours, ds
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_deepspeed_moe(dtype):
+    ours, ds = _pair()
+    ours, ds = ours.to(dtype), ds.to(dtype)
+    x = torch.randn(3, 20, 16, dtype=dtype)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, aux_a, counts_a = ours(xa)
+    yb, aux_b, counts_b = ds(xb)
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(ya, yb, **tol)
+    torch.testing.assert_close(aux_a, aux_b)
+    assert torch.equal(counts_a, counts_b)
+    g = torch.randn_like(ya)
+    ((ya * g).sum() + aux_a).backward()
+    ((yb * g).sum() + aux_b).backward()
+    torch.testing.assert_close(xa.grad, xb.grad, **tol)
+    for (na, pa), (nb, pb) in zip(ours.named_parameters(), ds.named_parameters(), strict=True):
+        assert na == nb
+        torch.testing.assert_close(pa.grad, pb.grad, **tol)
+
+
+def test_drop_accounting_and_aux_loss_by_hand():
+    torch.manual_seed(1)
+    dim, experts, n = 8, 4, 40
+    moe = SkyMoE(
+        dim, 16, num_experts=experts, capacity_factor=1.0, min_capacity=2, aux_loss_weight=0.5, z_loss_weight=0.1
+    )
+    x = torch.randn(n, dim)
+    out, loss = moe.forward_with_loss(x)
+    cap = moe_capacity(n, experts, 1.0, 2)
+    assert cap == 10
+    wg = moe.deepspeed_moe.gate.wg.weight
+    logits = x @ wg.t()
+    probs = torch.softmax(logits, -1)
+    choice = probs.argmax(-1).tolist()
+    seen = [0] * experts
+    kept = []
+    for c in choice:
+        kept.append(seen[c] < cap)
+        seen[c] += 1
+    stats = moe.stats()
+    assert stats["expert_counts"] == seen and stats["capacity"] == cap and stats["tokens"] == n
+    assert stats["dropped"] == sum(max(0, s - cap) for s in seen) > 0
+    for i in range(n):
+        if kept[i]:
+            expert = moe.deepspeed_moe.experts.deepspeed_experts[choice[i]]
+            torch.testing.assert_close(out[i], probs[i, choice[i]] * expert(x[i]), atol=1e-6, rtol=1e-5)
+        else:
+            assert (out[i] == 0).all()  # dropped: the residual carries the token
+    aux = experts * sum(seen[j] / n * probs[:, j].mean() for j in range(experts))
+    z = (torch.logsumexp(logits, -1) ** 2).mean()
+    torch.testing.assert_close(loss, 0.5 * aux + 0.1 * z)
+
+
+def test_eval_capacity_and_no_drop():
+    moe = SkyMoE(8, 16, num_experts=4, capacity_factor=1.0, eval_capacity_factor=3.0, min_capacity=1)
+    x = torch.randn(32, 8)
+    moe.train()
+    moe(x)
+    assert moe.stats()["capacity"] == 8
+    moe.eval()
+    moe(x)
+    assert moe.stats()["capacity"] == math.ceil(3.0 * 32 / 4)
+    nodrop = SkyMoE(8, 16, num_experts=4, capacity_factor=0.1, drop_tokens=False)
+    nodrop(x)
+    s = nodrop.stats()
+    assert s["dropped"] == 0 and s["capacity"] == max(s["expert_counts"])
+
+
+def test_expert_param_tags_survive_deepcopy_and_moves():
+    moe = SkyMoE(8, 16, num_experts=4, ep_size=2)  # builds without any process group
+    teacher = copy.deepcopy(moe)
+    meta = SkyMoE(8, 16, num_experts=4).to("meta").to_empty(device="cpu")
+    for m in (moe, teacher, meta):
+        experts = list(m.deepspeed_moe.experts.parameters())
+        assert experts and all(p.allreduce is False and p.group_name == m.expert_group_name for p in experts)
+        assert not hasattr(m.deepspeed_moe.gate.wg.weight, "allreduce")
+    assert len(moe.deepspeed_moe.experts.deepspeed_experts) == 2  # local experts

@@ -1,0 +1,194 @@
+"""Top-1 mixture of experts as a `deepspeed.moe.layer.MoE` subclass with index-based dispatch and combine.
+
+DeepSpeed recognises MoE layers only as `MoE` instances (expert checkpointing, optimizer group splitting), so
+`SkyMoE` keeps DeepSpeed's module tree and parameter names
+(`deepspeed_moe.gate.wg.weight`, `deepspeed_moe.experts.deepspeed_experts.<local id>.*`) and replaces only the
+routing: softmax gate -> argmax -> arrival positions -> gather/scatter by index (`ops.top1_route`,
+`ops.moe_dispatch`, `ops.moe_combine`) instead of DeepSpeed's one-hot masks.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.distributed as dist
+from deepspeed.moe.layer import MoE
+from deepspeed.moe.sharded_moe import MOELayer, _AllToAll
+from deepspeed.utils import groups
+from torch import nn
+
+from trainer.model import ops
+
+
+class Mlp(nn.Module):
+    """Two-layer GELU FFN, the dense block FFN and the structure of every expert. x: (..., D) -> (..., D)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def moe_capacity(num_tokens: int, num_experts: int, capacity_factor: float, min_capacity: int) -> int:
+    """Slots per expert: max(min_capacity, ceil(capacity_factor * N / E)), DeepSpeed's formula."""
+    return max(min_capacity, math.ceil(capacity_factor * num_tokens / num_experts))
+
+
+class IndexMOELayer(MOELayer):
+    """DeepSpeed's `MOELayer` (same gate/experts modules) with our routing; the ep group is looked up by name.
+
+    Not storing the process group on the module keeps `copy.deepcopy` (the EMA teacher) working after
+    `deepspeed.initialize` created the groups.
+    """
+
+    def __init__(self, gate, experts, ep_group_name, ep_size, num_local_experts, *, drop_tokens: bool) -> None:
+        super().__init__(gate, experts, ep_group_name, ep_size, num_local_experts)
+        self.drop_tokens = drop_tokens
+        self.last_route: dict[str, torch.Tensor | int] = {}
+
+    def _set_ep_group(self, ep_group) -> None:  # group resolved lazily in `_group`
+        self.ep_group = None
+
+    def _group(self):
+        if self.ep_size == 1:
+            return None
+        return groups._get_expert_parallel_group(self.ep_group_name)
+
+    def route_and_run(self, x: torch.Tensor) -> tuple[torch.Tensor, ops.Route, int]:
+        """x: (N, D) -> out (N, D), the routing decision and the capacity used."""
+        n, d = x.shape
+        e = self.gate.wg.weight.shape[0]
+        group = self._group()
+        cf = self.gate.capacity_factor if self.training else self.gate.eval_capacity_factor
+        if self.drop_tokens:
+            n_max = n
+            if group is not None:  # every rank needs the same buffer shape for all_to_all
+                t = torch.tensor([n], device=x.device)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+                n_max = int(t)
+            capacity = moe_capacity(n_max, e, cf, self.gate.min_capacity)
+            route = ops.top1_route(x, self.gate.wg.weight, capacity, True)
+        else:
+            route = ops.top1_route(x, self.gate.wg.weight, n, False)
+            capacity = n if x.is_meta else max(int(route.counts.max()), 1)
+            if group is not None:
+                t = torch.tensor([capacity], device=x.device)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+                capacity = int(t)
+        buf = ops.moe_dispatch(x, route.expert, route.position, route.kept, e, capacity)
+        if group is not None:
+            buf = _AllToAll.apply(group, buf)  # (ep, E_local, C, D) after exchange, rank-major
+        buf = buf.reshape(self.ep_size, self.num_local_experts, capacity, d)
+        # unbind, not buf[:, i]: its backward stacks the slices once instead of a zero-filled buffer per expert.
+        chunks = buf.unbind(1)
+        y = torch.stack([ex(t) for t, ex in zip(chunks, self.experts.deepspeed_experts, strict=True)], dim=1)
+        y = y.reshape(e, capacity, d)
+        if group is not None:
+            y = _AllToAll.apply(group, y)
+        out = ops.moe_combine(y, route.expert, route.position, route.kept, route.gate)
+        return out, route, capacity
+
+    def run(self, x: torch.Tensor) -> tuple[torch.Tensor, ops.Route]:
+        """x: (..., D) -> (out (..., D), route). Only detached statistics are kept on the module (deepcopy)."""
+        out, route, capacity = self.route_and_run(x.reshape(-1, x.shape[-1]))
+        self.exp_counts = route.counts.detach()
+        self.last_route = {
+            "counts": self.exp_counts,
+            "dropped": route.dropped,
+            "capacity": capacity,
+            "tokens": route.expert.shape[0],
+        }
+        return out.view(x.shape), route
+
+    def forward(self, *inputs: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.run(inputs[0])[0]
+
+
+class SkyMoE(MoE):
+    """Top-1 MoE FFN, a true `deepspeed.moe.layer.MoE`. x: (..., D) -> (out (..., D), l_aux, expert counts (E,)).
+
+    `forward_with_loss` returns (out, aux_weight * load-balance loss + z_weight * router z-loss).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        *,
+        num_experts: int,
+        ep_size: int = 1,
+        capacity_factor: float = 1.25,
+        eval_capacity_factor: float = 2.0,
+        min_capacity: int = 4,
+        drop_tokens: bool = True,
+        aux_loss_weight: float = 0.01,
+        z_loss_weight: float = 0.0,
+    ) -> None:
+        super().__init__(
+            dim,
+            Mlp(dim, hidden),
+            num_experts=num_experts,
+            ep_size=ep_size,
+            k=1,
+            capacity_factor=capacity_factor,
+            eval_capacity_factor=eval_capacity_factor,
+            min_capacity=min_capacity,
+            drop_tokens=drop_tokens,
+            use_rts=False,
+        )
+        old = self.deepspeed_moe
+        self.deepspeed_moe = IndexMOELayer(
+            old.gate, old.experts, self.expert_group_name, ep_size, self.num_local_experts, drop_tokens=drop_tokens
+        )
+        self.aux_loss_weight = aux_loss_weight
+        self.z_loss_weight = z_loss_weight
+
+    def _tag_experts(self) -> None:
+        # DeepSpeed finds expert params by these attributes (`is_moe_param`); new Parameter objects lack them.
+        for p in self.deepspeed_moe.experts.parameters():
+            p.allreduce = False
+            p.group_name = self.expert_group_name
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)  # `to_empty` and some dtype/device moves create new Parameters
+        self._tag_experts()
+        return out
+
+    def __deepcopy__(self, memo):
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = copy.deepcopy(v, memo)
+        new._tag_experts()  # Parameter.__deepcopy__ drops Python attributes
+        return new
+
+    def forward(self, hidden_states: torch.Tensor, used_token: torch.Tensor | None = None):
+        if used_token is not None:
+            raise NotImplementedError("used_token masks are not supported")
+        out, route = self.deepspeed_moe.run(hidden_states)
+        return out, route.aux_loss, route.counts
+
+    def forward_with_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, route = self.deepspeed_moe.run(x)
+        loss = self.aux_loss_weight * route.aux_loss
+        if self.z_loss_weight:
+            loss = loss + self.z_loss_weight * route.z_loss
+        return out, loss
+
+    def stats(self) -> dict[str, object]:
+        """Expert counts (before dropping), dropped tokens, tokens and capacity of the last forward."""
+        r = self.deepspeed_moe.last_route
+        if not r:
+            return {}
+        return {
+            "expert_counts": r["counts"].tolist(),
+            "dropped": int(r["dropped"]),
+            "tokens": int(r["tokens"]),
+            "capacity": int(r["capacity"]),
+        }
