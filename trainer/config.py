@@ -1,0 +1,278 @@
+"""The run configuration: one typed dataclass tree, recipes as functions, dotted overrides, the DeepSpeed config.
+
+A run is `recipe()` + overrides (`--set model.depths=2,2,6,2`). Rank 0 writes the resolved tree as
+`config.json` in the run directory; `to_ds_config` derives DeepSpeed's config from it and nothing edits that dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainer.model.config import ModelConfig, base_model, huge_model, tiny_model
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    """Where the dataprep dataset is and how views are cut from it."""
+
+    path: str = ""
+    hr_crop: int = 64  # global view side in HR pixels; S2/S1 views cover the same ground
+    s2_frames: int = 4  # S2 dates sampled per view (paper: 10)
+    s1_frames: int = 2  # S1 dates sampled per view (paper: 5)
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    seed: int = 0
+
+
+@dataclass(kw_only=True, slots=True)
+class LossConfig:
+    """Self-distillation heads and temperatures (DINO defaults, objectives-notes.md)."""
+
+    head_out_dim: int = 65536
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    teacher_temp_warmup: float = 0.04
+    teacher_temp_warmup_steps: int = 30000
+    center_momentum: float = 0.9
+    image_weight: float = 1.0  # MGCL image level, per modality and for F_fus
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay; weight decay and EMA momentum on cosine schedules."""
+
+    lr: float = 2e-4
+    min_lr: float = 1e-6
+    warmup_steps: int = 1000
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 3.0
+    momentum_start: float = 0.994  # teacher EMA momentum, cosine to momentum_end
+    momentum_end: float = 1.0
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """Steps, batch arithmetic, precision and checkpointing. `global_batch` is fixed across world sizes."""
+
+    max_steps: int = 600_000
+    global_batch: int = 1024
+    micro_batch: int = 8  # per rank; accumulation = global_batch / (micro_batch * world)
+    zero_stage: int = 2
+    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; or "fp32" / "bf16"
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 1000
+    keep_ckpts: int = 3
+
+
+@dataclass(kw_only=True, slots=True)
+class MetricsConfig:
+    """Prometheus endpoint: each rank serves on port + local_rank; port 0 turns it off."""
+
+    port: int = 9400
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = look up by device name (unknown on CPU)
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    recipe: str = "huge"
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=huge_model)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# recipes
+
+
+def huge() -> RunConfig:
+    """The paper's setting: batch 1024, AdamW 2e-4 cosine to 1e-6, 600k steps (objectives-notes.md)."""
+    return RunConfig(recipe="huge", model=huge_model())
+
+
+def base() -> RunConfig:
+    """A single-node experiment at a tenth of the paper's width and depth."""
+    cfg = huge()
+    cfg.recipe = "base"
+    cfg.model = base_model()
+    cfg.loss.head_out_dim = 8192
+    cfg.train.global_batch = 256
+    cfg.train.max_steps = 100_000
+    return cfg
+
+
+def tiny() -> RunConfig:
+    """CPU tests and the demo: seconds per step on 2 cores, every component present."""
+    cfg = huge()
+    cfg.recipe = "tiny"
+    cfg.model = tiny_model()
+    cfg.data = DataConfig(hr_crop=64, s2_frames=4, s1_frames=2, num_workers=1)
+    # A constant teacher temperature: the DINO warm-up raises the loss floor within a 30-step demo.
+    cfg.loss = LossConfig(head_out_dim=256, head_hidden_dim=128, head_bottleneck_dim=64, teacher_temp=0.04,
+                          teacher_temp_warmup=0.04, teacher_temp_warmup_steps=0)
+    cfg.optim = OptimConfig(lr=2e-3, min_lr=1e-4, warmup_steps=5, grad_clip=3.0, momentum_start=0.9)
+    cfg.train = TrainConfig(max_steps=50, global_batch=8, micro_batch=4, log_every=1, ckpt_every=25)
+    return cfg
+
+
+RECIPES: dict[str, Callable[[], RunConfig]] = {"tiny": tiny, "base": base, "huge": huge}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# overrides
+
+
+class ConfigError(ValueError):
+    pass
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse_value(text: str, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        low = text.strip().lower()
+        if low in _TRUE | _FALSE:
+            return low in _TRUE
+        raise ConfigError(f"{key}: expected a boolean (true/false), got {text!r}")
+    if tp in (int, float, str):
+        try:
+            return tp(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {text!r}") from None
+    if origin is tuple:
+        args = typing.get_args(tp)
+        items = [s for s in text.replace("(", "").replace(")", "").split(",") if s.strip()]
+        elem = args[0]
+        if not (len(args) == 2 and args[1] is Ellipsis) and len(items) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} comma-separated values, got {text!r}")
+        return tuple(_parse_value(s, elem, key) for s in items)
+    if origin is dict:
+        ktp, vtp = typing.get_args(tp)
+        out = {}
+        for item in filter(None, (s.strip() for s in text.split(","))):
+            if ":" not in item:
+                raise ConfigError(f"{key}: expected key:value pairs like 'hr:true,s2:false', got {text!r}")
+            k, v = item.split(":", 1)
+            out[_parse_value(k.strip(), ktp, key)] = _parse_value(v.strip(), vtp, key)
+        return out
+    raise ConfigError(f"{key}: cannot parse a value of type {tp}")
+
+
+def apply_override(cfg: Any, assignment: str) -> None:
+    """Apply one `dotted.key=value` assignment in place; unknown keys fail with the closest valid names."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} is not of the form key=value")
+    dotted, text = assignment.split("=", 1)
+    node, parts = cfg, dotted.strip().split(".")
+    for depth, name in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(node)]
+        if name not in names:
+            where = ".".join(parts[:depth]) or "the config root"
+            close = difflib.get_close_matches(name, names, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; valid: {', '.join(names)}"
+            raise ConfigError(f"unknown key {name!r} under {where}{hint}")
+        if depth < len(parts) - 1:
+            node = getattr(node, name)
+            if not dataclasses.is_dataclass(node):
+                raise ConfigError(f"{'.'.join(parts[: depth + 1])} is a value, not a section")
+    tp = typing.get_type_hints(type(node))[parts[-1]]
+    if dataclasses.is_dataclass(tp):
+        raise ConfigError(f"{dotted} is a section; set one of its fields instead")
+    setattr(node, parts[-1], _parse_value(text, tp, dotted))
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Rebuild a config tree from `to_dict` output (config.json), checking every key."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise ConfigError(f"unknown key {key!r} for {cls.__name__}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            value = from_dict(tp, value)
+        elif typing.get_origin(tp) is tuple:
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def resolve(recipe: str, overrides: list[str] = ()) -> RunConfig:
+    """`RECIPES[recipe]()` with the overrides applied in order, then validated."""
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    cfg = RECIPES[recipe]()
+    for assignment in overrides:
+        apply_override(cfg, assignment)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    t = cfg.train
+    if t.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
+    if t.zero_stage not in (0, 1, 2):
+        raise ConfigError(f"train.zero_stage must be 0, 1 or 2 (DeepSpeed refuses native MoE under ZeRO-3), "
+                          f"got {t.zero_stage}")
+    if t.global_batch % t.micro_batch:
+        raise ConfigError(f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch "
+                          f"({t.micro_batch})")
+    if len(cfg.model.depths) != 4:
+        raise ConfigError(f"model.depths must have 4 stages, got {cfg.model.depths}")
+    if cfg.data.hr_crop % 32:
+        raise ConfigError(f"data.hr_crop must be a multiple of 32 (patch 4 x three halvings), got {cfg.data.hr_crop}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DeepSpeed
+
+
+def grad_accumulation(cfg: RunConfig, world_size: int) -> int:
+    """Steps of accumulation so that micro x world x accumulation == global_batch, or a clear error."""
+    per_step = cfg.train.micro_batch * world_size
+    if cfg.train.global_batch % per_step:
+        raise ConfigError(
+            f"train.global_batch={cfg.train.global_batch} is not divisible by micro_batch x world = "
+            f"{cfg.train.micro_batch} x {world_size}; change train.micro_batch or the number of ranks")
+    return cfg.train.global_batch // per_step
+
+
+def use_bf16(cfg: RunConfig, on_cuda: bool) -> bool:
+    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_cuda)
+
+
+def to_ds_config(cfg: RunConfig, world_size: int, on_cuda: bool = False) -> dict:
+    """DeepSpeed's config, derived: train_batch_size = micro x world x accumulation. Never edited afterwards."""
+    accum = grad_accumulation(cfg, world_size)
+    return {
+        "train_batch_size": cfg.train.micro_batch * world_size * accum,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "bf16": {"enabled": use_bf16(cfg, on_cuda)},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,  # our own logging and metrics replace DeepSpeed's prints
+        "wall_clock_breakdown": False,
+    }

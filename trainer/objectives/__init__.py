@@ -1,0 +1,1 @@
+"""The pretraining objectives, one per file (paper section 3.2)."""
