@@ -14,12 +14,14 @@ fi
 stamp="$VENV/.skysense-installed"
 want="$(cat "$ROOT/pyproject.toml" "$ROOT/launch/constraints.txt" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "setup: installing the project into $VENV (a minute or two the first time)"
+  log="$VENV/install.log"
+  echo "setup: installing the project into $VENV (a minute or two the first time; log: $log)"
+  pip_install() { "$VENV/bin/pip" install "$@" >>"$log" 2>&1 || { tail -30 "$log" >&2; echo "setup: pip failed" >&2; exit 1; }; }
   if has_cuda && "$VENV/bin/python" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
-    "$VENV/bin/pip" install -q -c "$ROOT/launch/constraints.txt" -e "$ROOT[test]"
+    pip_install -c "$ROOT/launch/constraints.txt" -e "$ROOT[test]"
   else
-    "$VENV/bin/pip" install -q "$TORCH_SPEC"
-    "$VENV/bin/pip" install -q -c "$ROOT/launch/constraints.txt" "$TORCH_SPEC" -e "$ROOT[test]"
+    pip_install "$TORCH_SPEC"
+    pip_install -c "$ROOT/launch/constraints.txt" "$TORCH_SPEC" -e "$ROOT[test]"
   fi
   echo "$want" > "$stamp"
 fi

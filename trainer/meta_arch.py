@@ -35,8 +35,18 @@ class SSLMetaArch(nn.Module):
         })
         self.teacher = copy.deepcopy(self.student)
         self.teacher.requires_grad_(False)
+        self.teacher_autocast: torch.dtype | None = None
         self.image_loss = DINOLoss(lc.head_out_dim, lc.student_temp, lc.center_momentum, device=device)
         self.fusion_loss = DINOLoss(lc.head_out_dim, lc.student_temp, lc.center_momentum, device=device)
+
+    def keep_teacher_fp32(self, compute_dtype: torch.dtype) -> None:
+        """Under bf16 training: hold the teacher in fp32 and run it under autocast.
+
+        DeepSpeed casts every parameter to bf16; an EMA step of (1 - m) * (s - t) with m >= 0.994 is mostly below
+        bf16's resolution (8 bits of mantissa), so a bf16 teacher would barely move.
+        """
+        self.teacher.float()
+        self.teacher_autocast = compute_dtype
 
     def encode(self, net: nn.ModuleDict, view: dict) -> dict[str, torch.Tensor]:
         """One view -> pooled features per modality (B, D), F_fus pooled (B, Df), and the MoE aux loss.
@@ -67,8 +77,11 @@ class SSLMetaArch(nn.Module):
             full_map = last.new_zeros(x.shape[0], *last.shape[1:])
             out[m] = full_pooled.index_copy(0, idx, pooled * scale)
             maps[m] = full_map.index_copy(0, idx, last * scale)
-        # Absent modalities enter fusion as zero features (TODO: key-padding masks once fuse() takes them).
-        fused = backbone.fuse(maps["hr"], maps["s2"], view["s2_doy"], maps["s1"], view["s1_doy"])
+        # Absent modalities are left out of each sample's fusion sequence by key masks.
+        t2, t1 = view["s2"].shape[1], view["s1"].shape[1]
+        fused = backbone.fuse(maps["hr"], maps["s2"], view["s2_doy"], maps["s1"], view["s1_doy"],
+                              hr_valid=view["has_hr"], s2_valid=view["has_s2"][:, None].expand(-1, t2),
+                              s1_valid=view["has_s1"][:, None].expand(-1, t1))
         out["fus"] = fused.mean(dim=(1, 2))
         out["aux"] = aux
         return out
@@ -76,7 +89,10 @@ class SSLMetaArch(nn.Module):
     def forward(self, batch: dict, teacher_temp: float) -> dict[str, torch.Tensor]:
         views = batch["views"]
         student = [self.encode(self.student, v) for v in views]
-        with torch.no_grad():
+        device = views[0]["hr"].device.type
+        teacher_ctx = torch.autocast(device, dtype=self.teacher_autocast or torch.bfloat16,
+                                     enabled=self.teacher_autocast is not None)
+        with torch.no_grad(), teacher_ctx:
             teacher = [self.encode(self.teacher, v) for v in views]
         losses: dict[str, torch.Tensor] = {}
         ones = torch.ones_like(views[0]["has_hr"], dtype=torch.float32)
@@ -85,7 +101,7 @@ class SSLMetaArch(nn.Module):
             # A sample counts when it has the modality in both views (always true within one set).
             weight = ones if m == "fus" else (views[0][f"has_{m}"] & views[1][f"has_{m}"]).float()
             s_logits = [self.student[head](s[m]) for s in student]
-            with torch.no_grad():
+            with torch.no_grad(), teacher_ctx:
                 t_logits = [self.teacher[head](t[m]) for t in teacher]
                 t_probs = [crit.teacher_probs(t, teacher_temp) for t in t_logits]
             losses[f"image/{m}"] = crit(s_logits, t_probs, weight)

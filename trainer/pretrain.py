@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import sys
 
 from trainer.config import RECIPES, ConfigError, resolve
+from trainer.distributed import init_distributed
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,31 +43,6 @@ def build_config(args: argparse.Namespace):
     if not os.path.exists(os.path.join(cfg.data.path, "index.parquet")):
         raise ConfigError(f"--data {cfg.data.path} is not a dataprep dataset (no index.parquet)")
     return cfg
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed() -> None:
-    """gloo on CPU, nccl on CUDA; a plain `python -m` run becomes a one-rank world."""
-    import torch
-
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed.ops
-
-        # Training never calls inference_all_reduce, the only user of DeepSpeed's shared-memory comm op: skip
-        # its 45-85 s JIT build on a fresh machine.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
 def main(argv: list[str] | None = None) -> int:

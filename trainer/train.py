@@ -93,6 +93,8 @@ class Trainer:
                                                config=to_ds_config(cfg, self.world, on_cuda),
                                                dist_init_required=False)
         self.model: SSLMetaArch = self.engine.module
+        if self.dtype != torch.float32:
+            self.model.keep_teacher_fp32(self.dtype)
         self.sched = Schedules.from_config(cfg)
         self.step = 0
         if resume and checkpoint.latest_tag(self.ckpt_dir):

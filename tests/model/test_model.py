@@ -172,6 +172,13 @@ def test_deepcopy_teacher_and_bf16(tiny):
     out = m16.forward_features(x.bfloat16(), "hr")
     assert out["pooled"].dtype == torch.bfloat16 and torch.isfinite(out["pooled"].float()).all()
     assert all(isinstance(m, SkyMoE) for m in m16.moe_layers().values())
+    s2 = torch.randn(1, 2, 4, 4, m16.out_dim, dtype=torch.bfloat16)  # shrinking resample path in bf16
+    f = m16.fuse(out["stages"][-1], s2, torch.tensor([[5, 200]]), None, None)
+    assert f.dtype == torch.bfloat16 and f.shape == (1, 1, 1, m16.fusion_dim)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 weights under autocast (the lead's EMA teacher)
+        o = tiny.forward_features(x, "hr")
+        f = tiny.fuse(o["stages"][-1], s2.float(), torch.tensor([[5, 200]]), None, None)
+    assert torch.isfinite(f.float()).all()
 
 
 def test_fuse_validity_masks_equal_dropping_the_inputs(tiny):

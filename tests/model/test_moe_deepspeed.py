@@ -33,9 +33,11 @@ def _worker(rank: int, port: int, ckpt: str, queue) -> None:
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
     from torch import nn
 
+    from trainer.distributed import init_distributed
     from trainer.model.moe import SkyMoE
 
     torch.set_num_threads(1)
+    init_distributed()
 
     class Net(nn.Module):
         def __init__(self) -> None:

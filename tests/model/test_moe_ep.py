@@ -27,12 +27,13 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
         WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank),
     )
-    import deepspeed
     import torch.distributed as dist
     from deepspeed.utils import groups
 
+    from trainer.distributed import init_distributed
+
     torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    init_distributed()
     groups._create_expert_and_data_parallel(2)
     for drop_tokens in (True, False):
         queue.put((rank, drop_tokens, _compare(rank, drop_tokens)))

@@ -306,8 +306,10 @@ def main(argv: list[str] | None = None) -> None:
         f"window attention op fwd+bwd (32x32 grid, 4 heads x 32, window 8, shift 4): ours {a['t_ours']:.4f} s"
         f" vs roll/partition/matmul {a['t_naive']:.4f} s -> {a['speedup']:.2f}x"
     )
+    step = {t: bench_tiny_step(threads=t) for t in (1, 2)}
     print(
-        f"tiny recipe fwd+bwd, batch 4 (HR 64 px, S2 4x16 px, S1 2x16 px), 2 threads, wall: {bench_tiny_step():.3f} s"
+        f"tiny recipe fwd+bwd, batch 4 (HR 64 px, S2 4x16 px, S1 2x16 px), wall: 1 thread {step[1]:.3f} s,"
+        f" 2 threads {step[2]:.3f} s (2 threads suffer most from other load on a shared machine)"
     )
     s = bench_swin(b=1 if args.quick else 4, reps=2 if args.quick else args.reps)
     print(

@@ -38,8 +38,9 @@ def resample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[1:3]) == tuple(size):
         return x
     shrink = size[0] < x.shape[1] or size[1] < x.shape[2]
-    y = F.interpolate(x.permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=False, antialias=shrink)
-    return y.permute(0, 2, 3, 1)
+    # fp32: the antialiased CPU kernel has no bf16 version, and the result is cast back anyway.
+    y = F.interpolate(x.permute(0, 3, 1, 2).float(), size=size, mode="bilinear", align_corners=False, antialias=shrink)
+    return y.permute(0, 2, 3, 1).to(x.dtype)
 
 
 def _valid(mask: torch.Tensor | None, shape: tuple[int, int], device) -> torch.Tensor:
