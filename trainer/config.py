@@ -68,6 +68,7 @@ class TrainConfig:
     micro_batch: int = 8  # per rank; accumulation = global_batch / (micro_batch * world)
     zero_stage: int = 2
     precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; or "fp32" / "bf16"
+    kernels: str = "auto"  # hot ops: auto (Triton on CUDA, PyTorch elsewhere), "triton" or "reference"
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 1000
@@ -232,6 +233,8 @@ def validate(cfg: RunConfig) -> None:
     t = cfg.train
     if t.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
+    if t.kernels not in ("auto", "triton", "reference"):
+        raise ConfigError(f"train.kernels must be auto, triton or reference, got {t.kernels!r}")
     if t.zero_stage not in (0, 1, 2):
         raise ConfigError(f"train.zero_stage must be 0, 1 or 2 (DeepSpeed refuses native MoE under ZeRO-3), "
                           f"got {t.zero_stage}")

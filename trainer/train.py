@@ -69,6 +69,10 @@ class Trainer:
     def __init__(self, cfg: RunConfig, *, resume: bool = True):
         import deepspeed
 
+        import kernels
+
+        if cfg.train.kernels != "auto":  # "auto" leaves $SKYSENSE_KERNELS in charge
+            kernels.set_backend(cfg.train.kernels)
         self.cfg = cfg
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))

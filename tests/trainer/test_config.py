@@ -69,6 +69,8 @@ def test_validation_rejects_zero3_and_bad_batch():
         resolve("tiny", ["train.zero_stage=3"])
     with pytest.raises(ConfigError, match="multiple of train.micro_batch"):
         resolve("tiny", ["train.global_batch=10", "train.micro_batch=4"])
+    with pytest.raises(ConfigError, match="train.kernels must be"):
+        resolve("tiny", ["train.kernels=cuda"])
     with pytest.raises(ConfigError, match="unknown recipe"):
         resolve("gigantic")
 
