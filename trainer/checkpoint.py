@@ -6,6 +6,7 @@ The data position is the step itself: the sampler's order depends only on (seed,
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -39,6 +40,8 @@ def save(engine, ckpt_dir: Path, *, step: int, client_state: dict, rank: int, ke
     tag = tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**client_state, "step": step})
     torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank:05d}.pt")
+    if rank == 0:  # readable without torch, and checked before DeepSpeed touches the files
+        (ckpt_dir / tag / "run_state.json").write_text(json.dumps({**client_state, "step": step}, indent=1))
     if dist.is_initialized():
         dist.barrier()
     if rank == 0 and keep > 0:
@@ -84,13 +87,19 @@ def load(engine, ckpt_dir: Path, *, rank: int, world_size: int, tag: str | None 
     tag = tag or latest_tag(ckpt_dir)
     if tag is None:
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (no 'latest' file)")
+    state_file = ckpt_dir / tag / "run_state.json"
+    if state_file.exists():
+        saved_world = json.loads(state_file.read_text()).get("world_size", world_size)
+        if saved_world != world_size:
+            raise RuntimeError(
+                f"checkpoint {ckpt_dir / tag} was written by {saved_world} ranks and this run has {world_size}: "
+                f"ZeRO optimizer state is partitioned per rank, so resume on {saved_world} ranks (moving a run "
+                f"to another world size needs a universal checkpoint, not supported yet), or start a new run "
+                f"directory")
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
     _reload_frozen_experts(engine, ckpt_dir, tag)
-    saved_world = client.get("world_size", world_size)
-    if saved_world != world_size:
-        raise RuntimeError(f"checkpoint {tag} was written by {saved_world} ranks, this run has {world_size}")
     rng_file = ckpt_dir / tag / f"rng_rank{rank:05d}.pt"
     if rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False))

@@ -24,7 +24,7 @@ class DataConfig:
     hr_crop: int = 64  # global view side in HR pixels; S2/S1 views cover the same ground
     s2_frames: int = 4  # S2 dates sampled per view (paper: 10)
     s1_frames: int = 2  # S1 dates sampled per view (paper: 5)
-    num_workers: int = 2
+    num_workers: int = 8  # per rank
     prefetch_factor: int = 2
     seed: int = 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -58,8 +59,12 @@ class Metrics:
                                registry=r).labels(**labels)
         self.port = None
         if port > 0:
-            start_http_server(port, registry=self.registry)
-            self.port = port
+            try:
+                start_http_server(port, registry=self.registry)
+                self.port = port
+            except OSError as e:  # a busy port must not cost a training run
+                logging.getLogger("trainer").warning("rank %d: no Prometheus endpoint on port %d (%s); training "
+                                                     "goes on, metrics.jsonl is still written", rank, port, e)
         self.log = open(Path(run_dir) / "metrics.jsonl", "a") if (run_dir is not None and rank == 0) else None  # noqa: SIM115
 
     def record(self, *, step: int, samples: int, tokens: int, flops: float, times: dict[str, float],

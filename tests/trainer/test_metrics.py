@@ -66,3 +66,17 @@ def test_summary_from_logs(tmp_path):
 def test_peak_lookup():
     assert peak_tflops(123.0) == 123.0
     assert peak_tflops(0.0) == 0.0  # CPU: unknown, MFU left at 0
+
+
+def test_busy_port_warns_and_training_goes_on(tmp_path, caplog):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        m = Metrics(rank=0, port=port, run_dir=tmp_path, peak=0.0)
+    assert m.port is None and "no Prometheus endpoint" in caplog.text
+    record(m, 1, 2.0)  # still records and logs
+    m.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss/total"] == 2.0
