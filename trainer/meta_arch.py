@@ -5,10 +5,12 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from trainer.config import RunConfig
 from trainer.model import build_model
+from trainer.model.moe import init_experts
 from trainer.objectives.dino import DINOHead, DINOLoss
 
 MODALITIES = ("hr", "s2", "s1")
@@ -25,6 +27,9 @@ class SSLMetaArch(nn.Module):
         super().__init__()
         self.cfg = cfg
         backbone = build_model(cfg.model, device=device)
+        # DeepSpeed's expert-parallel groups are consecutive ranks: ep_rank = rank % ep_size.
+        self.ep_rank = (dist.get_rank() if dist.is_initialized() else 0) % cfg.model.moe.ep_size
+        init_experts(backbone, cfg.train.seed, self.ep_rank)
         lc = cfg.loss
         head = {"in_dim": backbone.out_dim, "out_dim": lc.head_out_dim, "hidden_dim": lc.head_hidden_dim,
                 "bottleneck_dim": lc.head_bottleneck_dim, "device": device}

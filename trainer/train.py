@@ -97,6 +97,7 @@ class Trainer:
                                                config=to_ds_config(cfg, self.world, on_cuda),
                                                dist_init_required=False)
         self.model: SSLMetaArch = self.engine.module
+        self._check_expert_ranks()
         if self.dtype != torch.float32:
             self.model.keep_teacher_fp32(self.dtype)
         self.sched = Schedules.from_config(cfg)
@@ -116,6 +117,19 @@ class Trainer:
                                peak=peak_tflops(cfg.metrics.peak_tflops))
         self.flops_per_step = 0.0
         self.history: list[dict] = []
+
+    def _check_expert_ranks(self) -> None:
+        """Experts were initialised for ep_rank = rank % ep_size; DeepSpeed's groups must agree."""
+        from deepspeed.utils import groups
+
+        from trainer.model.moe import SkyMoE
+
+        for m in self.model.modules():
+            if isinstance(m, SkyMoE):
+                actual = groups._get_expert_parallel_rank(m.expert_group_name)
+                if actual != self.model.ep_rank:
+                    raise RuntimeError(f"expert-parallel rank {actual} != {self.model.ep_rank} assumed at init")
+                return
 
     def _set_schedules(self, values: dict) -> None:
         for group in self.engine.optimizer.param_groups:

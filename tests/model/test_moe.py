@@ -107,3 +107,25 @@ def test_expert_param_tags_survive_deepcopy_and_moves():
         assert experts and all(p.allreduce is False and p.group_name == m.expert_group_name for p in experts)
         assert not hasattr(m.deepspeed_moe.gate.wg.weight, "allreduce")
     assert len(moe.deepspeed_moe.experts.deepspeed_experts) == 2  # local experts
+
+
+def test_init_experts_by_global_id_is_layout_independent():
+    """ep_size=2, ep rank 1 holds global experts 2, 3: they must equal experts 2, 3 of the ep_size=1 model."""
+    from trainer.model import build_model, tiny_model
+    from trainer.model.moe import init_experts
+
+    def experts(ep_size, ep_rank):
+        cfg = tiny_model()
+        cfg.moe.ep_size = ep_size
+        m = build_model(cfg)
+        init_experts(m, seed=7, ep_rank=ep_rank)
+        return {n: p for n, p in m.named_parameters() if "deepspeed_experts" in n}
+
+    full, rank1 = experts(1, 0), experts(2, 1)
+    for name, p in rank1.items():
+        local = int(name.split("deepspeed_experts.")[1].split(".")[0])
+        twin = name.replace(f"deepspeed_experts.{local}.", f"deepspeed_experts.{local + 2}.")
+        assert torch.equal(p, full[twin]), name
+    w = [p for n, p in full.items() if n.endswith("fc1.weight")]
+    assert not torch.equal(w[0], w[1])  # every expert has its own weights
+    assert abs(float(w[0].detach().std()) - 0.02) < 0.004  # trunc_normal(std=0.02), as the rest of the model

@@ -192,3 +192,26 @@ class SkyMoE(MoE):
             "tokens": int(r["tokens"]),
             "capacity": int(r["capacity"]),
         }
+
+
+def init_experts(model: nn.Module, seed: int, ep_rank: int) -> None:
+    """Initialise every local expert from (seed, MoE layer, GLOBAL expert id), like `_init_weights` does.
+
+    Under expert parallelism each rank builds only its local experts with the same RNG stream, so rank 1's experts
+    (global 2, 3 of 4) would start as copies of rank 0's (global 0, 1). Seeding by global id makes the initial model
+    the same for every ep_size and gives every expert its own weights.
+    """
+    import numpy as np
+
+    for layer, moe in enumerate(m for m in model.modules() if isinstance(m, SkyMoE)):
+        for local, expert in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):
+            global_id = ep_rank * moe.num_local_experts + local
+            for sub in expert.modules():
+                if not isinstance(sub, nn.Linear) or sub.weight.device.type == "meta":
+                    continue
+                state = int(np.random.SeedSequence([seed, layer, global_id]).generate_state(1)[0])
+                gen = torch.Generator(device=sub.weight.device).manual_seed(state)
+                with torch.no_grad():
+                    nn.init.trunc_normal_(sub.weight, std=0.02, generator=gen)
+                    if sub.bias is not None:
+                        sub.bias.zero_()
