@@ -1,10 +1,11 @@
 """Shared test fixtures: the real-data folder (../shared/data, never copied into the repo) and free ports."""
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
+
+from trainer.distributed import free_port  # noqa: F401 - re-exported for the tests
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -19,8 +20,3 @@ def shared_data() -> Path:
         pytest.skip(f"real remote-sensing samples not found at {SHARED_DATA} (only present on the dev machines)")
     return SHARED_DATA
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

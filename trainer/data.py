@@ -17,8 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dataprep.reader import DatasetReader
 from trainer.config import DataConfig, RunConfig, grad_accumulation
-
-MODALITIES = ("hr", "s2", "s1")
+from trainer.model.config import MODALITIES
 
 
 class StreamOrder:

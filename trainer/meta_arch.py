@@ -9,11 +9,9 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer.config import RunConfig
-from trainer.model import build_model
+from trainer.model import MODALITIES, build_model
 from trainer.model.moe import init_experts
 from trainer.objectives.dino import DINOHead, DINOLoss
-
-MODALITIES = ("hr", "s2", "s1")
 
 
 class SSLMetaArch(nn.Module):

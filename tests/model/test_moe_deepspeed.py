@@ -5,19 +5,14 @@ ids, loading back exactly."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from trainer.distributed import free_port
+
 pytestmark = pytest.mark.multiproc
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, ckpt: str, queue) -> None:
@@ -85,7 +80,7 @@ def _worker(rank: int, port: int, ckpt: str, queue) -> None:
 def test_deepspeed_engine_checkpoint_holds_every_expert(tmp_path) -> None:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path), queue)) for r in range(2)]
     for p in procs:
         p.start()
