@@ -129,3 +129,34 @@ def test_init_experts_by_global_id_is_layout_independent():
     w = [p for n, p in full.items() if n.endswith("fc1.weight")]
     assert not torch.equal(w[0], w[1])  # every expert has its own weights
     assert abs(float(w[0].detach().std()) - 0.02) < 0.004  # trunc_normal(std=0.02), as the rest of the model
+
+
+def test_whole_model_init_is_independent_of_ep_size_and_fc2_is_not_fc1():
+    """Dense weights after the first MoE layer, and the heads built after the backbone, must not depend on how
+    many experts are local; and an expert's fc2 is drawn from its own stream, not fc1's values again."""
+    from trainer.config import tiny
+    from trainer.meta_arch import SSLMetaArch
+
+    def build(ep_size, ep_rank):
+        cfg = tiny()
+        cfg.model.moe.ep_size = ep_size
+        torch.manual_seed(0)
+        m = SSLMetaArch(cfg)
+        if ep_rank:  # what rank `ep_rank` of an expert-parallel group builds
+            from trainer.model.moe import init_experts
+
+            init_experts(m.student["backbone"], cfg.train.seed, ep_rank)
+        return dict(m.student.named_parameters())
+
+    full, half = build(1, 0), build(2, 0)
+    dense = [n for n in full if "deepspeed_experts" not in n]
+    assert len(dense) > 50 and set(dense) == {n for n in half if "deepspeed_experts" not in n}
+    for name in dense:
+        assert torch.equal(full[name], half[name]), name
+    for name, p in half.items():
+        if "deepspeed_experts" in name:
+            assert torch.equal(p, full[name]), name  # local experts 0, 1 of ep rank 0 are global 0, 1
+    fc1 = next(p for n, p in full.items() if n.endswith("deepspeed_experts.0.fc1.weight"))
+    fc2 = next(p for n, p in full.items() if n.endswith("deepspeed_experts.0.fc2.weight"))
+    flat1, flat2 = fc1.detach().flatten(), fc2.detach().t().flatten()
+    assert not torch.equal(flat1[:64], fc2.detach().flatten()[:64]) and not torch.equal(flat1, flat2)

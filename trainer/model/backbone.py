@@ -127,7 +127,11 @@ class SkySenseV2(nn.Module):
         self.norms = nn.ModuleList([nn.LayerNorm(d) for d in dims])
         f = cfg.fusion
         self.fusion = TemporalFusion(self.out_dim, f.dim, f.depth, f.num_heads, f.mlp_ratio)
-        self.apply(_init_weights)
+        # Experts are left to `moe.init_experts` (seeded by global expert id): drawing them here would make the RNG
+        # stream, and so every later initialisation, depend on how many experts are local (ep_size).
+        for name, module in self.named_modules():
+            if ".deepspeed_experts." not in name:
+                _init_weights(module)
         for stage in self.stages:
             if stage.prompts is not None:
                 nn.init.trunc_normal_(stage.prompts, std=0.02)

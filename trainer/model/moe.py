@@ -195,7 +195,7 @@ class SkyMoE(MoE):
 
 
 def init_experts(model: nn.Module, seed: int, ep_rank: int) -> None:
-    """Initialise every local expert from (seed, MoE layer, GLOBAL expert id), like `_init_weights` does.
+    """Initialise every local expert from (seed, MoE layer, GLOBAL expert id, Linear index), like `_init_weights`.
 
     Under expert parallelism each rank builds only its local experts with the same RNG stream, so rank 1's experts
     (global 2, 3 of 4) would start as copies of rank 0's (global 0, 1). Seeding by global id makes the initial model
@@ -206,10 +206,11 @@ def init_experts(model: nn.Module, seed: int, ep_rank: int) -> None:
     for layer, moe in enumerate(m for m in model.modules() if isinstance(m, SkyMoE)):
         for local, expert in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):
             global_id = ep_rank * moe.num_local_experts + local
-            for sub in expert.modules():
-                if not isinstance(sub, nn.Linear) or sub.weight.device.type == "meta":
+            linears = [sub for sub in expert.modules() if isinstance(sub, nn.Linear)]
+            for j, sub in enumerate(linears):  # j: fc1 and fc2 get their own streams (not repeated values)
+                if sub.weight.device.type == "meta":
                     continue
-                state = int(np.random.SeedSequence([seed, layer, global_id]).generate_state(1)[0])
+                state = int(np.random.SeedSequence([seed, layer, global_id, j]).generate_state(1)[0])
                 gen = torch.Generator(device=sub.weight.device).manual_seed(state)
                 with torch.no_grad():
                     nn.init.trunc_normal_(sub.weight, std=0.02, generator=gen)
