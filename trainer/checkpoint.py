@@ -35,13 +35,20 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, ckpt_dir: Path, *, step: int, client_state: dict, rank: int, keep: int) -> Path:
-    """Save the engine (student, teacher, optimizer, experts) and this rank's RNG; keep the newest `keep` tags."""
+def save(engine, ckpt_dir: Path, *, step: int, client_state: dict, rank: int, keep: int,
+         config: dict | None = None) -> Path:
+    """Save the engine (student, teacher, optimizer, experts) and this rank's RNG; keep the newest `keep` tags.
+
+    `config` (the resolved config tree, as RUN/config.json) is written as TAG/config.json by rank 0, so that a tag
+    copied away from its run directory still says which model it holds (trainer.weights reads it first).
+    """
     tag = tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**client_state, "step": step})
     torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank:05d}.pt")
     if rank == 0:  # readable without torch, and checked before DeepSpeed touches the files
         (ckpt_dir / tag / "run_state.json").write_text(json.dumps({**client_state, "step": step}, indent=1))
+        if config is not None:
+            (ckpt_dir / tag / "config.json").write_text(json.dumps(config, indent=2))
     if dist.is_initialized():
         dist.barrier()
     if rank == 0 and keep > 0:

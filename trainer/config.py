@@ -18,10 +18,43 @@ from trainer.model.config import ModelConfig, base_model, huge_model, tiny_model
 
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
-    """Where the dataprep dataset is and how views are cut from it."""
+    """Where the dataprep dataset is and how views are cut from it (trainer/views.py has each operation).
+
+    Per image set: 2 global views (teacher and student) + `local_crops` local views (student only). A view is a
+    random box in ground coordinates, cut from every modality at its own resolution and resampled to the view size,
+    flipped / turned alike in every modality, then jittered per modality. HR ops and probabilities follow DINO,
+    scale ranges DINO-MC (remote sensing); papers/small-scale-ssl-notes.md.
+    """
 
     path: str = ""
-    hr_crop: int = 64  # global view side in HR pixels; S2/S1 views cover the same ground
+    hr_crop: int = 64  # global view side in HR pixels (multiple of 32); S2/S1 side = hr_crop / (HR:S2 pixel ratio)
+    local_crop: int = 32  # local view side in HR pixels (multiple of 32)
+    local_crops: int = 4  # local views per set, student only; 0 = two-view training
+    global_scale: tuple[float, float] = (0.32, 1.0)  # box area as a fraction of the set's extent (DINO-MC)
+    local_scale: tuple[float, float] = (0.05, 0.32)
+    aspect: tuple[float, float] = (3 / 4, 4 / 3)  # box width / height, log-uniform
+    flip: bool = True  # row and column flips, p = 0.5 each
+    rotate: bool = True  # quarter turns k ~ U{0..3}: aerial imagery has no canonical up (views are square)
+    photometric: bool = True  # False: geometry only (crop, flips, turns), for tests and ablations
+    # HR optical (DINO): colour jitter in torchvision's random op order, grayscale, Gaussian blur, solarisation.
+    hr_jitter_p: float = 0.8
+    hr_brightness: float = 0.4
+    hr_contrast: float = 0.4
+    hr_saturation: float = 0.2
+    hr_hue: float = 0.1
+    hr_grayscale_p: float = 0.2
+    hr_blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)  # global view 1, global view 2, local views
+    hr_blur_sigma: tuple[float, float] = (0.1, 2.0)  # standard deviation in view pixels
+    hr_solarize_p: float = 0.2  # global view 2 only
+    # S2 multispectral: per-band contrast and gain, one draw per view for all its dates; no hue, no blur.
+    s2_jitter_p: float = 0.8
+    s2_brightness: float = 0.2
+    s2_contrast: float = 0.2
+    # S1 SAR (dB): unit-mean gamma speckle in linear power (an additive term in dB), a global gain offset in dB.
+    s1_speckle_p: float = 0.5
+    s1_looks: float = 4.0
+    s1_gain_p: float = 0.8
+    s1_gain_db: float = 1.0  # offset ~ U(-1, 1) dB, shared by both polarisations and all dates of a view
     s2_frames: int = 4  # S2 dates sampled per view (paper: 10)
     s1_frames: int = 2  # S1 dates sampled per view (paper: 5)
     num_workers: int = 8  # per rank
@@ -41,7 +74,19 @@ class LossConfig:
     teacher_temp_warmup: float = 0.04
     teacher_temp_warmup_steps: int = 30000
     center_momentum: float = 0.9
-    image_weight: float = 1.0  # MGCL image level, per modality and for F_fus
+    centering: str = "center"  # teacher targets: "center" (DINO, EMA once per optimizer step) or "sinkhorn" (DINOv2)
+    # MGCL levels (paper section 3.2), each a sum over hr, s2, s1 and F_fus; 0 switches a level off.
+    image_weight: float = 1.0  # pooled features
+    pixel_weight: float = 0.0  # per ground point of the two views' overlap (RoIAlign), objectives/pixel.py
+    object_weight: float = 0.0  # Sinkhorn clusters of the overlap's pixel features, objectives/object.py
+    pixel_grid: int = 2  # ground points per side sampled in the overlap
+    object_clusters: int = 4  # N_C
+    koleo_weight: float = 0.0  # DINOv2's KoLeo regulariser on the student's pooled global features
+    # A MoCo-v2 InfoNCE fallback at the image level (objectives/contrastive.py); not the paper's objective.
+    contrast_weight: float = 0.0
+    contrast_temp: float = 0.2
+    contrast_queue: int = 4096
+    contrast_dim: int = 128
 
 
 @dataclass(kw_only=True, slots=True)
@@ -84,6 +129,25 @@ class MetricsConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class EvalConfig:
+    """In-training k-NN of the teacher backbone on a small labelled folder (rank 0, every `every` steps; 0 = off).
+
+    Either `train` and `val` folders, or one `data` folder split `split` / 1 - split with a fixed seed. It reads
+    no training RNG and takes no collective, so the loss sequence is the same with it on or off.
+    """
+
+    every: int = 0
+    data: str = ""
+    train: str = ""
+    val: str = ""
+    split: float = 0.5
+    size: int = 64
+    modality: str = ""  # "" = from the band count
+    k: int = 20
+    max_images: int = 1000  # per split, so an evaluation stays a few seconds
+
+
+@dataclass(kw_only=True, slots=True)
 class RunConfig:
     recipe: str = "huge"
     run_dir: str = "runs/default"
@@ -93,6 +157,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -120,16 +185,38 @@ def tiny() -> RunConfig:
     cfg = huge()
     cfg.recipe = "tiny"
     cfg.model = tiny_model()
-    cfg.data = DataConfig(hr_crop=64, s2_frames=4, s1_frames=2, num_workers=1)
-    # A constant teacher temperature: the DINO warm-up raises the loss floor within a 30-step demo.
+    cfg.data = DataConfig(hr_crop=64, local_crop=32, local_crops=4, s2_frames=4, s1_frames=2, num_workers=1)
+    # A constant teacher temperature (overriding the warm-up of the other recipes): within a 30-step demo the DINO
+    # warm-up 0.04 -> 0.07 only raises the loss floor. The `learn` recipe below has the warm-up.
     cfg.loss = LossConfig(head_out_dim=256, head_hidden_dim=128, head_bottleneck_dim=64, teacher_temp=0.04,
                           teacher_temp_warmup=0.04, teacher_temp_warmup_steps=0)
-    cfg.optim = OptimConfig(lr=2e-3, min_lr=1e-4, warmup_steps=5, grad_clip=3.0, momentum_start=0.9)
+    # Teacher momentum 0.994 -> 1 as in every recipe: a teacher that copies the student (0.9) collapses.
+    cfg.optim = OptimConfig(lr=2e-3, min_lr=1e-4, warmup_steps=5, grad_clip=3.0)
     cfg.train = TrainConfig(max_steps=50, global_batch=8, micro_batch=4, log_every=1, ckpt_every=25)
     return cfg
 
 
-RECIPES: dict[str, Callable[[], RunConfig]] = {"tiny": tiny, "base": base, "huge": huge}
+def learn() -> RunConfig:
+    """The learning benchmark (`bash launch/learning.sh`): the tiny model on real aerial scenes, ~15 min on 2 cores.
+
+    Small-batch self-distillation needs a larger batch than the demo's and a gentle lr (small-scale-ssl-notes.md).
+    """
+    cfg = tiny()
+    cfg.recipe = "learn"
+    cfg.loss.head_out_dim = 1024
+    cfg.loss.head_hidden_dim = 256
+    cfg.loss.teacher_temp = 0.07
+    cfg.loss.teacher_temp_warmup_steps = 90
+    cfg.optim = OptimConfig(lr=3e-4, min_lr=1e-5, warmup_steps=30, weight_decay=0.04, weight_decay_end=0.2)
+    cfg.train = TrainConfig(max_steps=300, global_batch=32, micro_batch=16, log_every=25, ckpt_every=300,
+                            keep_ckpts=1)
+    cfg.data.num_workers = 1
+    # At aux weight 0.01 the busiest expert held up to 2.4x the mean load on some steps (17 of 250 after warm-up).
+    cfg.model.moe.aux_loss_weight = 0.05
+    return cfg
+
+
+RECIPES: dict[str, Callable[[], RunConfig]] = {"tiny": tiny, "base": base, "huge": huge, "learn": learn}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,6 +330,24 @@ def validate(cfg: RunConfig) -> None:
                           f"({t.micro_batch})")
     if len(cfg.model.depths) != 4:
         raise ConfigError(f"model.depths must have 4 stages, got {cfg.model.depths}")
+    if cfg.loss.centering not in ("center", "sinkhorn"):
+        raise ConfigError(f"loss.centering must be center or sinkhorn, got {cfg.loss.centering!r}")
+    d = cfg.data
+    if d.local_crop % 32 or d.local_crops < 0:
+        raise ConfigError(f"data.local_crop must be a multiple of 32 and data.local_crops >= 0, got {d.local_crop}, "
+                          f"{d.local_crops}")
+    for name in ("global_scale", "local_scale"):
+        lo, hi = getattr(d, name)
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"data.{name} must satisfy 0 < low <= high <= 1, got {(lo, hi)}")
+    if not 0 < d.aspect[0] <= d.aspect[1]:
+        raise ConfigError(f"data.aspect must satisfy 0 < low <= high, got {d.aspect}")
+    probs = {f: getattr(d, f) for f in ("hr_jitter_p", "hr_grayscale_p", "hr_solarize_p", "s2_jitter_p",
+                                        "s1_speckle_p", "s1_gain_p")}
+    probs.update({f"hr_blur_p[{i}]": p for i, p in enumerate(d.hr_blur_p)})
+    for name, p in probs.items():
+        if not 0 <= p <= 1:
+            raise ConfigError(f"data.{name} is a probability, got {p}")
     if cfg.data.hr_crop % 32:
         raise ConfigError(f"data.hr_crop must be a multiple of 32 (patch 4 x three halvings), got {cfg.data.hr_crop}")
 

@@ -17,7 +17,20 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dataprep.reader import DatasetReader
 from trainer.config import DataConfig, RunConfig, grad_accumulation
-from trainer.model.config import MODALITIES
+from trainer.model.config import IN_CHANS, MODALITIES
+from trainer.views import (
+    OpticalRecipe,
+    augment_optical,
+    db_to_power,
+    frames,
+    jitter_bands,
+    orient,
+    plan_cut,
+    power_to_db,
+    resample,
+    sample_box,
+    speckle,
+)
 
 
 class StreamOrder:
@@ -79,73 +92,136 @@ def day_of_year(days_since_epoch: np.ndarray) -> np.ndarray:
 
 
 class PretrainViews(Dataset):
-    """Stream position -> two global geo-aligned views of one image set, every modality present or zero-filled.
+    """Stream position -> 2 global + `local_crops` local geo-aligned views of one image set (trainer/views.py).
 
-    A view: `hr` (3, h, h) float32, `s2` (T2, 10, s, s), `s1` (T1, 2, s, s), `s2_doy` (T2,), `s1_doy` (T1,),
-    and `has_hr` / `has_s2` / `has_s1` (bool). Missing modalities are zeros with has_* False, so every rank runs
-    the same graph (ZeRO buckets gradients in hook order) and losses mask them out.
+    A view: `hr` (3, h, h) float32, `s2` (T2, 10, s, s), `s1` (T1, 2, s, s) normalised per band; `s2_doy` (T2,),
+    `s1_doy` (T1,) int64 days of year; `has_hr` / `has_s2` / `has_s1` (bool); `box` (4,) float32 ground box,
+    `flip_y`, `flip_x` (bool), `rot` (int64 0..3): the view's place on the ground (trainer/geometry.py). Global
+    views have h = data.hr_crop, local views h = data.local_crop; s = h / (HR:S2 pixel ratio). Missing
+    modalities are zeros with has_* False, so every rank runs the same graph (ZeRO buckets gradients in hook
+    order) and losses mask them out. `reader` replaces the dataset's DatasetReader (tests use stand-ins).
     """
 
-    def __init__(self, root: str, cfg: DataConfig):
-        self.reader = DatasetReader(root)
+    def __init__(self, root: str, cfg: DataConfig, reader=None):
+        self.reader = reader if reader is not None else DatasetReader(root)
         self.cfg = cfg
         self.order = StreamOrder(len(self.reader), cfg.seed)
         hr, s2 = self.reader.hr_size, self.reader.s2_size
         if hr % s2:
             raise ValueError(f"HR size {hr} is not a multiple of the S2 size {s2}: views cannot be geo-aligned")
         self.ratio = hr // s2
-        if cfg.hr_crop % self.ratio or cfg.hr_crop > hr:
-            raise ValueError(f"data.hr_crop={cfg.hr_crop} must be <= the HR size {hr} and a multiple of the "
-                             f"HR/S2 pixel ratio {self.ratio}")
-        self.s_crop = cfg.hr_crop // self.ratio
-        self._norm = {m: (np.asarray(self.reader.stats[m]["mean"], np.float32)[:, None, None],
-                          np.asarray(self.reader.stats[m]["std"], np.float32)[:, None, None] + 1e-6)
-                      for m in MODALITIES}
+        for name in ("hr_crop", "local_crop"):
+            size = getattr(cfg, name)
+            if size % 32 or size % self.ratio:
+                raise ValueError(f"data.{name}={size} must be a multiple of 32 (patch 4 x three halvings) and of "
+                                 f"the HR/S2 pixel ratio {self.ratio}")
+        # One photometric recipe per kind of view: global 1, global 2, local (DINO's asymmetric blur/solarisation).
+        common = dict(jitter_p=cfg.hr_jitter_p, brightness=cfg.hr_brightness, contrast=cfg.hr_contrast,
+                      saturation=cfg.hr_saturation, hue=cfg.hr_hue, grayscale_p=cfg.hr_grayscale_p,
+                      blur_sigma=cfg.hr_blur_sigma)
+        self._optical = [OpticalRecipe(**common, blur_p=cfg.hr_blur_p[0]),
+                         OpticalRecipe(**common, blur_p=cfg.hr_blur_p[1], solarize_p=cfg.hr_solarize_p),
+                         OpticalRecipe(**common, blur_p=cfg.hr_blur_p[2])]
+        self._norm = {}
+        for m in MODALITIES:  # a dataset without a modality may carry no statistics for it (never used then)
+            st = self.reader.stats.get(m, {"mean": [0.0] * IN_CHANS[m], "std": [1.0] * IN_CHANS[m]})
+            self._norm[m] = (np.asarray(st["mean"], np.float32)[:, None, None],
+                             1 / (np.asarray(st["std"], np.float32)[:, None, None] + 1e-6))
 
     def __len__(self) -> int:
         return len(self.reader)
 
     def __getitem__(self, position: int) -> dict:
-        rng = np.random.default_rng([self.cfg.seed, 1, position])
         i = self.order.index(position)
         meta = self.reader.meta(i)
-        return {"index": i, "position": position, "label": int(meta["label"]),
-                "views": [self._view(i, meta, rng) for _ in range(2)]}
+        n_views = 2 + self.cfg.local_crops
+        # Two streams per view, both seeded by (seed, position, view): view v is cut the same way whatever the
+        # number of local crops, and switching photometric ops off leaves every box, flip and date unchanged.
+        seed = (self.cfg.seed, 1, position)
+        specs = [self._plan(np.random.default_rng([*seed, v, 0]), v, meta) for v in range(n_views)]
+        src = self._read(i, meta, specs)
+        views = [self._cut(spec, src, np.random.default_rng([*seed, v, 1]), v) for v, spec in enumerate(specs)]
+        return {"index": i, "position": position, "label": int(meta["label"]), "views": views[:2],
+                "local_views": views[2:]}
 
-    def _frames(self, rng: np.random.Generator, n: int, k: int) -> np.ndarray:
-        return np.sort(rng.choice(n, size=k, replace=n < k))
-
-    def _view(self, i: int, meta: dict, rng: np.random.Generator) -> dict:
-        s, r, size = self.s_crop, self.ratio, self.reader.s2_size
-        y0, x0 = (int(v) for v in rng.integers(0, size - s + 1, size=2))
-        flip_y, flip_x = (bool(v) for v in rng.random(2) < 0.5)
-        view = {}
-        hr_box = (y0 * r, x0 * r, (y0 + s) * r, (x0 + s) * r)
-        view["has_hr"] = bool(meta["has_hr"])
-        view["hr"] = (self._normalise("hr", self.reader.read(i, "hr", box=hr_box)) if view["has_hr"]
-                      else np.zeros((3, s * r, s * r), np.float32))
-        for m, k, bands in (("s2", self.cfg.s2_frames, 10), ("s1", self.cfg.s1_frames, 2)):
+    def _plan(self, rng: np.random.Generator, v: int, meta: dict) -> dict:
+        """The random geometry and dates of view v: box, flips, turns, per-modality resampling and frames."""
+        cfg = self.cfg
+        local = v >= 2
+        box = sample_box(rng, cfg.local_scale if local else cfg.global_scale, cfg.aspect)
+        flip_y, flip_x = (bool(f) for f in rng.random(2) < 0.5) if cfg.flip else (False, False)
+        rot = int(rng.integers(4)) if cfg.rotate else 0
+        n = cfg.local_crop if local else cfg.hr_crop
+        spec = {"box": box, "flip_y": flip_y, "flip_x": flip_x, "rot": rot, "n": n, "s": n // self.ratio,
+                "hr": plan_cut(box, self.reader.hr_size, n)}
+        sc = plan_cut(box, self.reader.s2_size, n // self.ratio)  # S1 shares the S2 grid
+        for m, k in (("s2", cfg.s2_frames), ("s1", cfg.s1_frames)):
             dates = np.asarray(meta[f"{m}_dates"])
-            view[f"has_{m}"] = len(dates) > 0
-            if len(dates):
-                frames = self._frames(rng, len(dates), k)
-                uniq, inverse = np.unique(frames, return_inverse=True)
-                arr = self.reader.read(i, m, box=(y0, x0, y0 + s, x0 + s), frames=uniq.tolist())[inverse]
-                view[m] = self._normalise(m, arr)
-                view[f"{m}_doy"] = day_of_year(dates[frames])
+            spec[m] = sc
+            spec[f"{m}_frames"] = sel = frames(rng, dates, k) if len(dates) else None
+            spec[f"{m}_doy"] = day_of_year(dates[sel]) if len(dates) else None
+        return spec
+
+    def _read(self, i: int, meta: dict, specs: list[dict]) -> dict:
+        """One read per modality: the union of every view's pixel span (and dates), as float32."""
+        out = {}
+        for m in MODALITIES:
+            if m == "hr" and not meta["has_hr"] or m != "hr" and specs[0][f"{m}_frames"] is None:
+                continue
+            spans = np.array([s[m].span for s in specs])
+            box = (int(spans[:, 0].min()), int(spans[:, 1].min()), int(spans[:, 2].max()), int(spans[:, 3].max()))
+            if m == "hr":
+                arr, uniq = self.reader.read(i, m, box=box).astype(np.float32), None
             else:
-                view[m] = np.zeros((k, bands, s, s), np.float32)
-                view[f"{m}_doy"] = np.zeros(k, np.int64)
-        for m in MODALITIES:  # one flip for the whole view keeps the modalities geo-aligned
-            if flip_y:
-                view[m] = np.ascontiguousarray(np.flip(view[m], -2))
-            if flip_x:
-                view[m] = np.ascontiguousarray(np.flip(view[m], -1))
+                uniq = np.unique(np.concatenate([s[f"{m}_frames"] for s in specs]))
+                arr = self.reader.read(i, m, box=box, frames=uniq.tolist()).astype(np.float32)
+                if m == "s1":  # resample (average) backscatter as power, not dB: that is multi-looking
+                    arr = db_to_power(arr)
+            out[m] = (arr, box[:2], uniq)
+        return out
+
+    def _cut(self, spec: dict, src: dict, rng: np.random.Generator, v: int) -> dict:
+        """View v from the sample's pixels: resample, orient alike, then each modality's photometric ops."""
+        cfg, aug = self.cfg, self.cfg.photometric
+        # One sub-stream per modality: a set's S2 draws do not depend on whether it has HR, or on HR's outcomes.
+        rngs = dict(zip(MODALITIES, (np.random.default_rng(x) for x in rng.integers(2**63, size=3)), strict=True))
+        flips = {"flip_y": spec["flip_y"], "flip_x": spec["flip_x"], "rot": spec["rot"]}
+        view = {"box": spec["box"], **flips, "rot": np.int64(spec["rot"])}
+        n, s = spec["n"], spec["s"]
+        view["has_hr"] = "hr" in src
+        if view["has_hr"]:
+            arr, origin, _ = src["hr"]
+            x = orient(resample(arr, spec["hr"], origin), **flips) * np.float32(1 / 255)
+            if aug:
+                x = augment_optical(x, rngs["hr"], self._optical[min(v, 2)])
+            view["hr"] = self._normalise("hr", x * np.float32(255))
+        else:
+            view["hr"] = np.zeros((3, n, n), np.float32)
+        for m, k in (("s2", cfg.s2_frames), ("s1", cfg.s1_frames)):
+            view[f"has_{m}"] = m in src
+            if m not in src:
+                view[m], view[f"{m}_doy"] = np.zeros((k, IN_CHANS[m], s, s), np.float32), np.zeros(k, np.int64)
+                continue
+            arr, origin, uniq = src[m]
+            sel = spec[f"{m}_frames"]
+            x = orient(resample(arr, spec[m], origin, index=np.searchsorted(uniq, sel)), **flips)
+            r = rngs[m]
+            p = r.random(2)
+            if m == "s2" and aug and p[0] < cfg.s2_jitter_p:
+                x = jitter_bands(x, r, cfg.s2_brightness, cfg.s2_contrast)
+            if m == "s1":  # x is linear power here
+                if aug and p[0] < cfg.s1_speckle_p:
+                    x = speckle(x, r, cfg.s1_looks)
+                x = power_to_db(x)
+                if aug and p[1] < cfg.s1_gain_p:
+                    x = x + np.float32(r.uniform(-cfg.s1_gain_db, cfg.s1_gain_db))
+            view[m] = self._normalise(m, x)
+            view[f"{m}_doy"] = spec[f"{m}_doy"]
         return view
 
     def _normalise(self, m: str, arr: np.ndarray) -> np.ndarray:
-        mean, std = self._norm[m]
-        return ((arr.astype(np.float32) - mean) / std).astype(np.float32)
+        mean, inv_std = self._norm[m]
+        return ((arr - mean) * inv_std).astype(np.float32, copy=False)
 
 
 def build_loader(cfg: RunConfig, *, rank: int, world_size: int, start_step: int, pin_memory: bool = False
@@ -164,12 +240,17 @@ def build_loader(cfg: RunConfig, *, rank: int, world_size: int, start_step: int,
                       generator=torch.Generator().manual_seed(cfg.data.seed))
 
 
+# Geometry stays fp32: a bf16 ground box is off by up to 1/512 of the extent (half an HR pixel of a 256 px set,
+# four of a 2048 px one), which would misplace the pixel-level terms' RoIAlign samples.
+FP32_KEYS = frozenset({"box"})
+
+
 def to_device(batch, device: torch.device, dtype: torch.dtype):
-    """Move a collated batch to `device`, floating tensors cast to `dtype`."""
+    """Move a collated batch to `device`, floating tensors cast to `dtype` (those under FP32_KEYS kept fp32)."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, dtype=dtype if batch.is_floating_point() else None, non_blocking=True)
     if isinstance(batch, dict):
-        return {k: to_device(v, device, dtype) for k, v in batch.items()}
+        return {k: to_device(v, device, torch.float32 if k in FP32_KEYS else dtype) for k, v in batch.items()}
     if isinstance(batch, list):
         return [to_device(v, device, dtype) for v in batch]
     return batch

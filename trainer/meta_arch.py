@@ -10,15 +10,26 @@ from torch import nn
 
 from trainer.config import RunConfig
 from trainer.model import MODALITIES, build_model
-from trainer.model.moe import init_experts
-from trainer.objectives.dino import DINOHead, DINOLoss
+from trainer.model.moe import SkyMoE, init_experts
+from trainer.objectives import build_objectives
+from trainer.objectives.centering import Centering
+from trainer.objectives.contrastive import ContrastiveObjective, ProjectionHead
+from trainer.objectives.dino import DINOHead
+from trainer.objectives.koleo import koleo_loss
+
+TERMS = (*MODALITIES, "fus")
+FULL_VIEW = {"box": (0.0, 0.0, 1.0, 1.0), "flip_y": False, "flip_x": False, "rot": 0}
 
 
 class SSLMetaArch(nn.Module):
-    """`forward(batch, teacher_temp) -> {"total", "image/<m>", "image/fus", "moe_aux"}`; `update_teacher(m)`.
+    """`forward(batch, teacher_temp) -> {"total", "<level>/<term>", "moe_aux", ...}`; `step_objectives()` and
+    `update_teacher(m)` once per optimizer step.
 
-    The teacher is a frozen deepcopy of the student updated by EMA after each optimizer step. It sees the same
-    two global views as the student (local views and the other objectives arrive in later objectives/ files).
+    The teacher is a frozen deepcopy of the student (backbone and every objective's heads), updated by EMA after each
+    optimizer step, always in eval mode (no drop path, MoE at its eval capacity). It sees the global views; the
+    student sees the global and the local views. Objectives come from `trainer.objectives` (a registry), each owning
+    its state (centres); the total is the sum of each term times its recipe weight, so a term that a batch cannot
+    have (an absent modality) adds zero instead of diluting the others.
     """
 
     def __init__(self, cfg: RunConfig, *, device=None):
@@ -29,18 +40,31 @@ class SSLMetaArch(nn.Module):
         self.ep_rank = (dist.get_rank() if dist.is_initialized() else 0) % cfg.model.moe.ep_size
         init_experts(backbone, cfg.train.seed, self.ep_rank)
         lc = cfg.loss
-        head = {"in_dim": backbone.out_dim, "out_dim": lc.head_out_dim, "hidden_dim": lc.head_hidden_dim,
+        head = {"out_dim": lc.head_out_dim, "hidden_dim": lc.head_hidden_dim,
                 "bottleneck_dim": lc.head_bottleneck_dim, "device": device}
-        self.student = nn.ModuleDict({
-            "backbone": backbone,
-            "head": DINOHead(**head),
-            "fusion_head": DINOHead(**{**head, "in_dim": backbone.fusion_dim}),
-        })
+        dims = {"backbone": backbone.out_dim, "fusion": backbone.fusion_dim}
+        self.objectives = nn.ModuleDict(build_objectives(cfg, TERMS, device=device))
+        heads = {"head": DINOHead(dims["backbone"], **head), "fusion_head": DINOHead(dims["fusion"], **head)}
+        if any(name in self.objectives for name in ("pixel", "object")):
+            heads["pixel_head"] = DINOHead(dims["backbone"], **head)
+            heads["fusion_pixel_head"] = DINOHead(dims["fusion"], **head)
+        if "contrast" in self.objectives:
+            proj = {"hidden_dim": lc.head_hidden_dim, "out_dim": lc.contrast_dim, "device": device}
+            heads["contrast_head"] = ProjectionHead(dims["backbone"], **proj)
+            heads["fusion_contrast_head"] = ProjectionHead(dims["fusion"], **proj)
+        self.student = nn.ModuleDict({"backbone": backbone, **heads})
         self.teacher = copy.deepcopy(self.student)
         self.teacher.requires_grad_(False)
+        self.teacher.eval()
         self.teacher_autocast: torch.dtype | None = None
-        self.image_loss = DINOLoss(lc.head_out_dim, lc.student_temp, lc.center_momentum, device=device)
-        self.fusion_loss = DINOLoss(lc.head_out_dim, lc.student_temp, lc.center_momentum, device=device)
+        self._moe_counts: dict[str, torch.Tensor] = {}
+        self._health: dict[str, float] = {}
+
+    def train(self, mode: bool = True):
+        """The student follows `mode`; the teacher stays in eval mode (DINO builds its teacher without drop path)."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
 
     def keep_teacher_fp32(self, compute_dtype: torch.dtype) -> None:
         """Under bf16 training: hold the teacher in fp32 and run it under autocast.
@@ -51,16 +75,17 @@ class SSLMetaArch(nn.Module):
         self.teacher.float()
         self.teacher_autocast = compute_dtype
 
-    def encode(self, net: nn.ModuleDict, view: dict) -> dict[str, torch.Tensor]:
-        """One view -> pooled features per modality (B, D), F_fus pooled (B, Df), and the MoE aux loss.
+    def encode(self, net: nn.ModuleDict, view: dict) -> dict:
+        """One view -> {"pooled": {term: (B, D)}, "maps": {term: (B, h, w, D)}, "geom": {...}, "aux": scalar}.
 
-        view: hr (B, 3, h, w); s2 (B, T2, 10, s, s); s1 (B, T1, 2, s, s); s2_doy/s1_doy (B, T); has_* (B,).
-        The backbone sees only the samples that have a modality: zero stand-ins would reach the MoE aux loss
-        through LayerNorms of zero variance. When no sample has it, one zero row runs with weight 0, so that every
-        rank runs the same sequence of ops (ZeRO reduces gradients in hook order) and every parameter gets a grad.
+        view: hr (B, 3, h, w); s2 (B, T2, 10, s, s); s1 (B, T1, 2, s, s); s2_doy/s1_doy (B, T); has_* (B,); optional
+        box (B, 4), flip_y, flip_x (B,), rot (B,) (trainer.geometry; the whole extent when absent). S2/S1 maps are
+        averaged over dates. The backbone sees only the samples that have a modality: zero stand-ins would reach
+        the MoE aux loss through LayerNorms of zero variance. When no sample has it, one zero row runs with weight
+        0, so every rank runs the same ops (ZeRO reduces gradients in hook order) and every parameter gets a grad.
         """
         backbone = net["backbone"]
-        out, maps, aux = {}, {}, 0.0
+        pooled, maps, last_maps, aux = {}, {}, {}, 0.0
         for m in MODALITIES:
             x, has = view[m], view[f"has_{m}"]
             idx = has.nonzero().squeeze(1)
@@ -70,49 +95,93 @@ class SSLMetaArch(nn.Module):
             sub = x.index_select(0, idx)
             lead = sub.shape[:-3]  # (b,) or (b, T)
             f = backbone.forward_features(sub.reshape(-1, *sub.shape[-3:]), m)
+            if net is self.student:
+                self._count_experts(backbone)
             aux = aux + scale * f["aux_loss"]
-            pooled = f["pooled"].reshape(*lead, -1)
-            pooled = pooled if m == "hr" else pooled.mean(dim=1)
+            p = f["pooled"].reshape(*lead, -1)
             last = f["stages"][-1]
             last = last.reshape(*lead, *last.shape[1:])
+            p, dense = (p, last) if m == "hr" else (p.mean(dim=1), last.mean(dim=1))
             # Scatter back to the full batch; absent samples hold zeros (masked out of every loss).
-            full_pooled = pooled.new_zeros(x.shape[0], *pooled.shape[1:])
-            full_map = last.new_zeros(x.shape[0], *last.shape[1:])
-            out[m] = full_pooled.index_copy(0, idx, pooled * scale)
-            maps[m] = full_map.index_copy(0, idx, last * scale)
+            pooled[m] = p.new_zeros(x.shape[0], *p.shape[1:]).index_copy(0, idx, p * scale)
+            maps[m] = dense.new_zeros(x.shape[0], *dense.shape[1:]).index_copy(0, idx, dense * scale)
+            last_maps[m] = last.new_zeros(x.shape[0], *last.shape[1:]).index_copy(0, idx, last * scale)
         # Absent modalities are left out of each sample's fusion sequence by key masks.
         t2, t1 = view["s2"].shape[1], view["s1"].shape[1]
-        fused = backbone.fuse(maps["hr"], maps["s2"], view["s2_doy"], maps["s1"], view["s1_doy"],
+        fused = backbone.fuse(last_maps["hr"], last_maps["s2"], view["s2_doy"], last_maps["s1"], view["s1_doy"],
                               hr_valid=view["has_hr"], s2_valid=view["has_s2"][:, None].expand(-1, t2),
                               s1_valid=view["has_s1"][:, None].expand(-1, t1))
-        out["fus"] = fused.mean(dim=(1, 2))
-        out["aux"] = aux
-        return out
+        pooled["fus"], maps["fus"] = fused.mean(dim=(1, 2)), fused
+        return {"pooled": pooled, "maps": maps, "geom": _geometry(view), "aux": aux}
+
+    def _count_experts(self, backbone: nn.Module) -> None:
+        for name, moe in backbone.named_modules():
+            if isinstance(moe, SkyMoE) and moe.deepspeed_moe.last_route:
+                c = moe.deepspeed_moe.last_route["counts"].detach().float()
+                self._moe_counts[name] = self._moe_counts.get(name, 0.0) + c
 
     def forward(self, batch: dict, teacher_temp: float) -> dict[str, torch.Tensor]:
-        views = batch["views"]
-        student = [self.encode(self.student, v) for v in views]
-        device = views[0]["hr"].device.type
+        globals_, locals_ = batch["views"], batch.get("local_views", [])
+        student = [self.encode(self.student, v) for v in (*globals_, *locals_)]
+        device = globals_[0]["hr"].device.type
         teacher_ctx = torch.autocast(device, dtype=self.teacher_autocast or torch.bfloat16,
                                      enabled=self.teacher_autocast is not None)
         with torch.no_grad(), teacher_ctx:
-            teacher = [self.encode(self.teacher, v) for v in views]
+            teacher = [self.encode(self.teacher, v) for v in globals_]
+        # A sample counts for a term when it has the modality (the views of one set share its modalities).
+        weights = {m: globals_[0][f"has_{m}"].float() for m in MODALITIES}
+        weights["fus"] = torch.ones_like(weights["hr"])
+        lc = self.cfg.loss
+        level_weight = {name: getattr(lc, f"{name}_weight") for name in self.objectives}
         losses: dict[str, torch.Tensor] = {}
-        ones = torch.ones_like(views[0]["has_hr"], dtype=torch.float32)
-        for m in (*MODALITIES, "fus"):
-            head, crit = ("fusion_head", self.fusion_loss) if m == "fus" else ("head", self.image_loss)
-            # A sample counts when it has the modality in both views (always true within one set).
-            weight = ones if m == "fus" else (views[0][f"has_{m}"] & views[1][f"has_{m}"]).float()
-            s_logits = [self.student[head](s[m]) for s in student]
-            with torch.no_grad(), teacher_ctx:
-                t_logits = [self.teacher[head](t[m]) for t in teacher]
-                t_probs = [crit.teacher_probs(t, teacher_temp) for t in t_logits]
-            losses[f"image/{m}"] = crit(s_logits, t_probs, weight)
-            crit.update_center(t_logits, weight)
-        image = sum(losses[f"image/{m}"] for m in (*MODALITIES, "fus")) / (len(MODALITIES) + 1)
+        total = 0.0
+        with teacher_ctx:
+            for name, objective in self.objectives.items():
+                terms = objective(student, teacher, self.student, self.teacher, weights, teacher_temp)
+                losses.update(terms)
+                total = total + level_weight[name] * sum(terms.values())
+        if lc.koleo_weight > 0:  # DINOv2's KoLeo on the student's pooled global features, per present modality
+            koleo = sum(koleo_loss(s["pooled"][t][weights[t] > 0]) if bool((weights[t] > 0).sum() > 1)
+                        else 0.0 * s["pooled"][t].sum() for s in student[: len(globals_)] for t in TERMS)
+            losses["koleo"] = koleo / len(globals_)
+            total = total + lc.koleo_weight * losses["koleo"]
         losses["moe_aux"] = sum(s["aux"] for s in student) / len(student)
-        losses["total"] = self.cfg.loss.image_weight * image + losses["moe_aux"]
+        losses["total"] = total + losses["moe_aux"]
+        self._health = self._learning_health(teacher, weights)
         return losses
+
+    @torch.no_grad()
+    def _learning_health(self, teacher: list[dict], weights: dict) -> dict[str, float]:
+        """Collapse gauges: teacher output entropy, per-dimension std of normalised features (x sqrt(d): ~1 healthy,
+        -> 0 collapsed), mean cosine between different images."""
+        out = dict(self.objectives["image"].health) if "image" in self.objectives else {}
+        term = next((t for t in TERMS if bool(weights[t].sum() > 1)), "fus")
+        feats = torch.cat([t["pooled"][term][weights[term] > 0] for t in teacher]).float()
+        z = nn.functional.normalize(feats, dim=-1)
+        out["feature_std"] = float(z.std(dim=0).mean() * z.shape[-1] ** 0.5) if len(z) > 1 else 0.0
+        n = len(z) // len(teacher)
+        if n > 1:
+            sim = z[:n] @ z[:n].t()
+            out["feature_cosine"] = float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
+        return out
+
+    def health(self) -> dict[str, float]:
+        """Learning-health gauges of the last forward plus MoE balance (max / mean expert load, worst layer) over
+        every student MoE call since the last call of this method; resets the MoE counts."""
+        out = dict(self._health)
+        if self._moe_counts:
+            loads = {name: float(c.max() / c.mean().clamp_min(1e-9)) for name, c in self._moe_counts.items()}
+            out["moe_max_over_mean"] = max(loads.values())
+            out.update({f"moe_load/{name}": v for name, v in loads.items()})
+        self._moe_counts = {}
+        return out
+
+    @torch.no_grad()
+    def step_objectives(self) -> None:
+        """Once per optimizer step: every objective folds its accumulated teacher statistics (centres, queues) in."""
+        for module in self.objectives.modules():
+            if isinstance(module, Centering | ContrastiveObjective):
+                module.step()
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
@@ -122,3 +191,17 @@ class SSLMetaArch(nn.Module):
         torch._foreach_mul_(t_params, momentum)
         torch._foreach_add_(t_params, [p.detach().to(t.dtype) for p, t in zip(s_params, t_params)],
                             alpha=1 - momentum)
+
+
+def _geometry(view: dict) -> dict[str, torch.Tensor]:
+    """The view's box / flips / rotation as (B, ...) tensors; the whole extent, unflipped, when the batch has none."""
+    b, dev = view["hr"].shape[0], view["hr"].device
+    out = {}
+    for key, default in FULL_VIEW.items():
+        if key in view:
+            out[key] = view[key].to(dev)
+        else:
+            dtype = torch.float32 if key == "box" else (torch.bool if key.startswith("flip") else torch.long)
+            out[key] = torch.tensor(default, dtype=dtype, device=dev).expand(b, *([4] if key == "box" else []))
+    out["box"] = out["box"].float()
+    return out

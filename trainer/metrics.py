@@ -45,6 +45,8 @@ class Metrics:
         self.mfu = gauge("mfu", "Model FLOPs utilisation (achieved / peak); 0 when the peak is unknown")
         self.step_time = Gauge("skysense_step_seconds", "Step time by phase", ["rank", "phase"], registry=r)
         self.loss = Gauge("skysense_loss", "Loss terms of the last step", ["rank", "term"], registry=r)
+        self.health = Gauge("skysense_learning_health", "Collapse gauges (teacher entropy, feature std, MoE "
+                            "max/mean load) and in-training k-NN top-1", ["rank", "name"], registry=r)
         self.lr = gauge("lr", "Learning rate")
         self.grad_norm = gauge("grad_norm", "Global gradient norm before clipping")
         self.momentum = gauge("teacher_momentum", "EMA momentum of the teacher")
@@ -69,13 +71,13 @@ class Metrics:
 
     def record(self, *, step: int, samples: int, tokens: int, flops: float, times: dict[str, float],
                losses: dict[str, float], lr: float, grad_norm: float, momentum: float,
-               moe: dict | None = None) -> dict:
+               moe: dict | None = None, health: dict[str, float] | None = None) -> dict:
         """Update every metric for one finished step; returns the logged record."""
         total = max(times["step"], 1e-9)
         rec = {"step": step, "time": time.time(), "samples_per_s": samples / total, "tokens_per_s": tokens / total,
                "tflops": flops / total / 1e12, "lr": lr, "grad_norm": grad_norm, "momentum": momentum,
                "data_wait_s": times.get("data", 0.0), "step_s": total, **{f"time/{k}": v for k, v in times.items()},
-               **{f"loss/{k}": v for k, v in losses.items()}}
+               **{f"loss/{k}": v for k, v in losses.items()}, **{f"health/{k}": v for k, v in (health or {}).items()}}
         rec["mfu"] = rec["tflops"] / self.peak if self.peak > 0 else 0.0
         self.samples_per_s.set(rec["samples_per_s"])
         self.tokens_per_s.set(rec["tokens_per_s"])
@@ -85,6 +87,8 @@ class Metrics:
             self.step_time.labels(rank=str(self.rank), phase=phase).set(seconds)
         for term, value in losses.items():
             self.loss.labels(rank=str(self.rank), term=term).set(value)
+        for name, value in (health or {}).items():
+            self.health.labels(rank=str(self.rank), name=name).set(value)
         self.lr.set(lr)
         self.grad_norm.set(grad_norm)
         self.momentum.set(momentum)

@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from trainer import checkpoint
 from trainer.config import RunConfig, grad_accumulation, to_dict, to_ds_config, use_bf16
 from trainer.data import build_loader, to_device
+from trainer.eval_hook import InTrainingEval
 from trainer.meta_arch import SSLMetaArch
 from trainer.metrics import Metrics, peak_tflops
 from trainer.schedules import Schedules
@@ -100,6 +101,9 @@ class Trainer:
         self._check_expert_ranks()
         if self.dtype != torch.float32:
             self.model.keep_teacher_fp32(self.dtype)
+        # Model-side randomness (drop path, MoE noise) per rank: identical masks on every rank would waste the
+        # batch. Data randomness does not use this RNG: it is seeded by stream position (trainer/data.py).
+        torch.manual_seed(int(np.random.SeedSequence([cfg.train.seed, 2, self.rank]).generate_state(1)[0]))
         self.sched = Schedules.from_config(cfg)
         self.step = 0
         if resume and checkpoint.latest_tag(self.ckpt_dir):
@@ -117,6 +121,7 @@ class Trainer:
                                peak=peak_tflops(cfg.metrics.peak_tflops))
         self.flops_per_step = 0.0
         self.history: list[dict] = []
+        self.evaluator = InTrainingEval(cfg.eval, self.device) if cfg.eval.every > 0 else None
 
     def _check_expert_ranks(self) -> None:
         """Experts were initialised for ep_rank = rank % ep_size; DeepSpeed's groups must agree."""
@@ -169,6 +174,7 @@ class Trainer:
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
         t = time.perf_counter()
+        self.model.step_objectives()  # centres move once per optimizer step, whatever the ranks and accumulation
         self.model.update_teacher(values["momentum"])
         times["optimizer"] += time.perf_counter() - t
         names = sorted(sums)
@@ -186,10 +192,13 @@ class Trainer:
             self.step += 1
             grad_norm = self.engine.get_global_grad_norm()
             values = self.sched.at(self.step - 1)
+            health = self.model.health()
+            if self.evaluator is not None and (self.step % cfg.eval.every == 0 or self.step == 1):
+                health.update(self.evaluator(self.model.teacher["backbone"]))  # every rank: see eval_hook.py
             rec = self.metrics.record(step=self.step, samples=cfg.train.micro_batch * self.accum, tokens=tokens,
                                       flops=self.flops_per_step, times=times, losses=losses, lr=values["lr"],
                                       grad_norm=float(grad_norm or 0.0), momentum=values["momentum"],
-                                      moe=self.model.student["backbone"].moe_stats())
+                                      moe=self.model.student["backbone"].moe_stats(), health=health)
             self.history.append(rec)
             if self.rank == 0 and (self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps):
                 log.info("step %d/%d loss %.4f | %.1f samples/s/rank | %.2fs (data %.2fs) | lr %.2e",
@@ -203,7 +212,7 @@ class Trainer:
         state = {"global_batch": self.cfg.train.global_batch, "world_size": self.world,
                  "recipe": self.cfg.recipe, "git_revision": git_revision()}
         path = checkpoint.save(self.engine, self.ckpt_dir, step=self.step, client_state=state, rank=self.rank,
-                               keep=self.cfg.train.keep_ckpts)
+                               keep=self.cfg.train.keep_ckpts, config=to_dict(self.cfg))
         if self.rank == 0:
             log.info("checkpoint %s", path)
         return path

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from trainer.config import tiny
 from trainer.meta_arch import SSLMetaArch
-from trainer.objectives.dino import DINOLoss
+from trainer.objectives.centering import Centering
+from trainer.objectives.image import dino_cross_entropy
 
 
 def random_batch(b=2, hr=64, s=16, t2=4, t1=2, has=None, dtype=torch.float32, seed=0):
@@ -87,19 +88,79 @@ def test_missing_modalities_are_masked_and_every_param_gets_a_grad(model):
 
 def test_dino_loss_against_hand_computation():
     torch.manual_seed(1)
-    crit = DINOLoss(5, student_temp=0.1, center_momentum=0.9)
+    crit = Centering(5, momentum=0.9)
     crit.center.fill_(0.2)
-    s = [torch.randn(3, 5), torch.randn(3, 5)]
+    s = [torch.randn(3, 5), torch.randn(3, 5), torch.randn(3, 5)]  # two globals and one local student view
     t = [torch.randn(3, 5), torch.randn(3, 5)]
     w = torch.tensor([1.0, 0.0, 1.0])
     probs = [crit.teacher_probs(x, 0.05) for x in t]
-    got = crit(s, probs, w)
+    got = dino_cross_entropy(s, probs, w, student_temp=0.1)
     want = 0.0
-    for i, j in ((0, 1), (1, 0)):
+    for i, j in ((0, 1), (1, 0), (2, 0), (2, 1)):  # never a view against itself
         tp = F.softmax((t[j] - 0.2) / 0.05, dim=-1)
         ce = -(tp * F.log_softmax(s[i] / 0.1, dim=-1)).sum(-1)
         want += (ce[0] + ce[2]) / 2
-    torch.testing.assert_close(got, want / 2)
-    crit.update_center(t, w)
-    mean = (t[0][[0, 2]].sum(0) + t[1][[0, 2]].sum(0)) / 4
-    torch.testing.assert_close(crit.center[0], 0.9 * torch.full((5,), 0.2) + 0.1 * mean)
+    torch.testing.assert_close(got, want / 4)
+
+
+def test_teacher_stays_in_eval_mode_without_drop_path_and_gets_no_grad():
+    cfg = tiny()
+    cfg.model.drop_path = 0.5
+    torch.manual_seed(0)
+    m = SSLMetaArch(cfg).train()
+    assert m.student.training and not any(mod.training for mod in m.teacher.modules())
+    batch = random_batch(b=2)
+    with torch.no_grad():
+        a = m.encode(m.teacher, batch["views"][0])["pooled"]["hr"]
+        b = m.encode(m.teacher, batch["views"][0])["pooled"]["hr"]
+        c = m.encode(m.student, batch["views"][0])["pooled"]["hr"]
+        d = m.encode(m.student, batch["views"][0])["pooled"]["hr"]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # no drop path in the teacher: deterministic
+    assert not torch.allclose(c, d)  # the student drops paths
+    m(batch, teacher_temp=0.04)["total"].backward()
+    assert all(p.grad is None for p in m.teacher.parameters())
+
+
+def test_total_is_the_weighted_sum_of_terms_whatever_is_absent(model):
+    m = copy.deepcopy(model)
+    losses = m(random_batch(b=2, has={"s2": [False, False], "s1": [False, False]}), teacher_temp=0.04)
+    assert losses["image/s2"].item() == 0.0 and losses["image/s1"].item() == 0.0
+    want = sum(v for k, v in losses.items() if k.startswith("image/")) + losses["moe_aux"]
+    torch.testing.assert_close(losses["total"], want)  # not divided by the number of terms
+
+
+def test_all_levels_with_local_views_give_every_rank_the_same_grad_set():
+    cfg = tiny()
+    cfg.loss.pixel_weight = cfg.loss.object_weight = 1.0
+    torch.manual_seed(0)
+    m = SSLMetaArch(cfg)
+
+    def grads(batch):
+        mm = copy.deepcopy(m)
+        out = mm(batch, teacher_temp=0.04)
+        out["total"].backward()
+        return out, {n for n, p in mm.student.named_parameters() if p.grad is not None}
+
+    full = random_batch(b=2)
+    full["local_views"] = [random_batch(b=2, hr=32, s=8, seed=3)["views"][0]]
+    # another rank's batch: no S1, and a local view whose box misses the globals (no pixel overlap)
+    part = random_batch(b=2, has={"s1": [False, False]}, seed=5)
+    part["local_views"] = [random_batch(b=2, hr=32, s=8, has={"s1": [False, False]}, seed=4)["views"][0]]
+    for v in part["views"]:
+        v["box"] = torch.tensor([[0.0, 0.0, 0.4, 0.4]] * 2)
+    part["local_views"][0]["box"] = torch.tensor([[0.6, 0.6, 1.0, 1.0]] * 2)
+    out_full, g_full = grads(full)
+    out_part, g_part = grads(part)
+    assert {k for k in out_full if k.startswith(("pixel/", "object/"))} == {
+        f"{lvl}/{t}" for lvl in ("pixel", "object") for t in ("hr", "s2", "s1", "fus")}
+    assert g_full == g_part and any("pixel_head" in n for n in g_full)
+
+
+def test_centre_moves_once_per_optimizer_step(model):
+    m = copy.deepcopy(model)
+    centre = m.objectives["image"].centers["hr"].center.clone()
+    m(random_batch(b=2), teacher_temp=0.04)
+    m(random_batch(b=2, seed=1), teacher_temp=0.04)  # two micro-batches of one step
+    torch.testing.assert_close(m.objectives["image"].centers["hr"].center, centre)  # not yet
+    m.step_objectives()
+    assert not torch.equal(m.objectives["image"].centers["hr"].center, centre)

@@ -1,7 +1,8 @@
 """The walking skeleton end to end on 2 CPU ranks through launch/pretrain.sh and the deepspeed launcher.
 
 One uninterrupted run (A) and one run killed with SIGKILL after its first checkpoint and relaunched (B): the loss is
-finite and falls, every expert of the expert-parallel MoE is in the checkpoint, and B ends bit-identical to A.
+finite and falls, every expert of the expert-parallel MoE is in the checkpoint, and B ends bit-identical to A. A third
+run (C) with in-training k-NN every 4 steps has A's loss sequence exactly.
 """
 
 import json
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -117,3 +119,21 @@ def test_killed_run_resumes_exactly(skeleton_dataset, uninterrupted, tmp_path):
     assert ta.keys() == tb.keys() and len(ta) > 50
     different = [k for k in ta if not torch.equal(ta[k], tb[k])]
     assert not different, different[:5]
+
+
+def test_in_training_knn_leaves_the_loss_sequence_unchanged(skeleton_dataset, uninterrupted, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, colour in enumerate(((200, 40, 40), (40, 200, 40))):  # two separable classes of noisy colour patches
+        (tmp_path / "labelled" / f"class{c}").mkdir(parents=True)
+        for i in range(6):
+            img = np.clip(np.array(colour) + rng.normal(0, 20, (64, 64, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(tmp_path / "labelled" / f"class{c}" / f"{i}.png")
+    run = tmp_path / "run"
+    wait(launch(skeleton_dataset, run, "--set", "eval.every=4", "--set", f"eval.data={tmp_path / 'labelled'}",
+                "--set", "eval.k=3"), run)
+    a, c = records(uninterrupted), records(run)
+    assert [c[s]["loss/total"] for s in sorted(c)] == [a[s]["loss/total"] for s in sorted(a)]
+    evaluated = [s for s in sorted(c) if "health/knn_top1" in c[s]]
+    assert evaluated == [1, 4, 8, 12] and all(0 <= c[s]["health/knn_top1"] <= 100 for s in evaluated)

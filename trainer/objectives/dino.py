@@ -1,9 +1,8 @@
-"""DINO-style self-distillation: projection head and the teacher-centred cross-entropy (MGCL image level)."""
+"""The DINO projection head shared by every MGCL level (the cross-entropy is in image.py, centring in centering.py)."""
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -29,49 +28,3 @@ class DINOHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = F.normalize(self.mlp(x), dim=-1)
         return z @ F.normalize(self.prototypes, dim=-1).t()
-
-
-class DINOLoss(nn.Module):
-    """Cross-entropy between centred, sharpened teacher and student distributions, with masked samples.
-
-    The centre is an EMA of the teacher's batch mean, averaged over all ranks, so every rank holds the same one.
-    """
-
-    def __init__(self, out_dim: int, student_temp: float, center_momentum: float, *, device=None):
-        super().__init__()
-        self.student_temp, self.center_momentum = student_temp, center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim, device=device))
-
-    @torch.no_grad()
-    def teacher_probs(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """(N, K) logits -> (N, K) fp32 probabilities, centred and sharpened."""
-        return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
-
-    def forward(self, student: list[torch.Tensor], teacher_probs: list[torch.Tensor],
-                weight: torch.Tensor) -> torch.Tensor:
-        """Mean over view pairs i != j of the weighted CE(teacher_j, student_i).
-
-        student, teacher_probs: lists (views) of (N, K); weight: (N,) 0/1 (samples that have this modality).
-        Returns a scalar that is 0 (with a graph) when no sample has weight.
-        """
-        total, pairs = 0.0, 0
-        denom = weight.sum().clamp_min(1.0)
-        for i, s in enumerate(student):
-            logp = F.log_softmax(s.float() / self.student_temp, dim=-1)
-            for j, t in enumerate(teacher_probs):
-                if i != j:
-                    total = total + ((-(t * logp).sum(-1)) * weight).sum() / denom
-                    pairs += 1
-        return total / pairs
-
-    @torch.no_grad()
-    def update_center(self, teacher_logits: list[torch.Tensor], weight: torch.Tensor) -> None:
-        """EMA of the weighted teacher mean over views, samples and ranks."""
-        stacked = torch.stack([t.float() for t in teacher_logits])  # (V, N, K)
-        w = weight.float()[None, :, None]
-        stats = torch.cat([(stacked * w).sum(dim=(0, 1)), (w.sum() * stacked.shape[0]).reshape(1)])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(stats)
-        if stats[-1] > 0:
-            mean = stats[:-1] / stats[-1]
-            self.center.mul_(self.center_momentum).add_(mean[None], alpha=1 - self.center_momentum)
