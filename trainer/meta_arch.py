@@ -95,7 +95,7 @@ class SSLMetaArch(nn.Module):
             sub = x.index_select(0, idx)
             lead = sub.shape[:-3]  # (b,) or (b, T)
             f = backbone.forward_features(sub.reshape(-1, *sub.shape[-3:]), m)
-            if net is self.student:
+            if net is self.student and scale:  # the zero stand-in row's identical tokens would skew the load
                 self._count_experts(backbone)
             aux = aux + scale * f["aux_loss"]
             p = f["pooled"].reshape(*lead, -1)
