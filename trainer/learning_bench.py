@@ -64,7 +64,7 @@ def evaluate(checkpoint: str, data: Path, stats: Path | None, out: Path, *, size
 
 
 def top1(result: dict) -> float:
-    return float(result["metrics"]["top1"] if "metrics" in result else result["top1"])
+    return float(result["metrics"]["top1"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.distributed as dist
@@ -58,7 +59,7 @@ class SSLMetaArch(nn.Module):
         self.teacher.eval()
         self.teacher_autocast: torch.dtype | None = None
         self._moe_counts: dict[str, torch.Tensor] = {}
-        self._health: dict[str, float] = {}
+        self._last: dict | None = None
 
     def train(self, mode: bool = True):
         """The student follows `mode`; the teacher stays in eval mode (DINO builds its teacher without drop path)."""
@@ -147,16 +148,26 @@ class SSLMetaArch(nn.Module):
             total = total + lc.koleo_weight * losses["koleo"]
         losses["moe_aux"] = sum(s["aux"] for s in student) / len(student)
         losses["total"] = total + losses["moe_aux"]
-        self._health = self._learning_health(teacher, weights)
+        # Detached references only: the gauges are computed once per step in `health()`, not per micro-batch
+        # (each reading is a host sync on CUDA).
+        self._last = {"pooled": [{t: x["pooled"][t] for t in TERMS} for x in teacher], "weights": weights}
         return losses
 
     @torch.no_grad()
-    def _learning_health(self, teacher: list[dict], weights: dict) -> dict[str, float]:
-        """Collapse gauges: teacher output entropy, per-dimension std of normalised features (x sqrt(d): ~1 healthy,
-        -> 0 collapsed), mean cosine between different images."""
-        out = dict(self.objectives["image"].health) if "image" in self.objectives else {}
+    def _learning_health(self) -> dict[str, float]:
+        """Collapse gauges of the last forward: teacher output entropy, per-dimension std of normalised features
+        (x sqrt(d): ~1 healthy, -> 0 collapsed), mean cosine between different images."""
+        out = {}
+        probs = self.objectives["image"].last_probs if "image" in self.objectives else None
+        if probs is not None:
+            ent = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+            out = {"teacher_entropy": float(ent.mean()), "teacher_max_entropy": math.log(probs.shape[-1]),
+                   "teacher_distinct_argmax": float(probs.argmax(-1).unique().numel())}
+        if self._last is None:
+            return out
+        teacher, weights = self._last["pooled"], self._last["weights"]
         term = next((t for t in TERMS if bool(weights[t].sum() > 1)), "fus")
-        feats = torch.cat([t["pooled"][term][weights[term] > 0] for t in teacher]).float()
+        feats = torch.cat([t[term][weights[term] > 0] for t in teacher]).float()
         z = nn.functional.normalize(feats, dim=-1)
         out["feature_std"] = float(z.std(dim=0).mean() * z.shape[-1] ** 0.5) if len(z) > 1 else 0.0
         n = len(z) // len(teacher)
@@ -166,9 +177,9 @@ class SSLMetaArch(nn.Module):
         return out
 
     def health(self) -> dict[str, float]:
-        """Learning-health gauges of the last forward plus MoE balance (max / mean expert load, worst layer) over
+        """Learning-health gauges of the last micro-batch plus MoE balance (max / mean expert load, worst layer) over
         every student MoE call since the last call of this method; resets the MoE counts."""
-        out = dict(self._health)
+        out = self._learning_health()
         if self._moe_counts:
             loads = {name: float(c.max() / c.mean().clamp_min(1e-9)) for name, c in self._moe_counts.items()}
             out["moe_max_over_mean"] = max(loads.values())

@@ -42,7 +42,7 @@ class ImageObjective(nn.Module):
         self.terms, self.student_temp = terms, student_temp
         self.centers = nn.ModuleDict({t: Centering(out_dim, center_momentum, mode=centering, device=device)
                                       for t in terms})
-        self.health: dict[str, float] = {}
+        self.last_probs: torch.Tensor | None = None  # (V * B, K) teacher targets of the first term, last forward
 
     def forward(self, student: list[dict], teacher: list[dict], s_heads: nn.ModuleDict, t_heads: nn.ModuleDict,
                 weights: dict[str, torch.Tensor], teacher_temp: float) -> dict[str, torch.Tensor]:
@@ -57,11 +57,7 @@ class ImageObjective(nn.Module):
                 t_probs = [self.centers[term].teacher_probs(x, teacher_temp, w) for x in t_logits]
                 for x in t_logits:
                     self.centers[term].accumulate(x, w)
-                if term == self.terms[0]:  # learning health of the first term (hr when present)
-                    p = torch.cat(t_probs)
-                    ent = -(p * p.clamp_min(1e-12).log()).sum(-1)
-                    self.health = {"teacher_entropy": float(ent.mean()), "teacher_max_entropy":
-                                   float(torch.log(torch.tensor(float(p.shape[-1])))),
-                                   "teacher_distinct_argmax": float(p.argmax(-1).unique().numel())}
+                if term == self.terms[0]:  # kept for the learning-health gauges, read once per step
+                    self.last_probs = torch.cat(t_probs)
             out[f"image/{term}"] = dino_cross_entropy(s_logits, t_probs, w, self.student_temp)
         return out
