@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's max_steps)")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--seeds", type=int, default=3, help="random-init seeds")
+    p.add_argument("--seeds", type=int, default=3, help="random-init seeds (0: skip the baselines)")
     p.add_argument("--size", type=int, default=64, help="evaluation image size (default: the global view size)")
     p.add_argument("--skip-train", action="store_true", help="evaluate an existing WORK/run")
     args = p.parse_args(argv)
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = ["bash", "launch/pretrain.sh", "--num-ranks", str(args.ranks), "--recipe", args.recipe,
                "--data", str(data), "--run-dir", str(run_dir), "--no-resume", "--set", "metrics.port=0"]
         if args.steps:
-            cmd += ["--max-steps", str(args.steps)]
+            cmd += ["--set", f"train.max_steps={args.steps}"]  # the schedule length, not just a stop
         for o in args.overrides:
             cmd += ["--set", o]
         start = time.time()
@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             rand.append(top1(evaluate("random", d, data, out / f"{name}-random{seed}.json", seed=seed, size=args.size,
                                       extra=("--recipe", cfg["recipe"], *_arch_overrides(cfg)))))
         row["random"] = rand
-        row["random_mean"] = statistics.mean(rand)
-        row["random_spread"] = (max(rand) - min(rand)) / 2
+        row["random_mean"] = statistics.mean(rand) if rand else float("nan")  # --seeds 0: a quick variant run
+        row["random_spread"] = (max(rand) - min(rand)) / 2 if rand else float("nan")
         row["histogram"] = top1(evaluate("random", d, None, out / f"{name}-hist.json", size=args.size,
                                        features="histogram"))
         results["eval"][name] = row

@@ -95,6 +95,8 @@ class SSLMetaArch(nn.Module):
                 idx, scale = idx.new_zeros(1), 0.0
             sub = x.index_select(0, idx)
             lead = sub.shape[:-3]  # (b,) or (b, T)
+            for moe in _moe_layers(net):  # stand-in rows must not steer the routing balancer either
+                moe.deepspeed_moe.balance_counting = bool(scale)
             f = backbone.forward_features(sub.reshape(-1, *sub.shape[-3:]), m)
             if net is self.student and scale:  # the zero stand-in row's identical tokens would skew the load
                 self._count_experts(backbone)
@@ -193,6 +195,12 @@ class SSLMetaArch(nn.Module):
         for module in self.objectives.modules():
             if isinstance(module, Centering | ContrastiveObjective):
                 module.step()
+        rate = self.cfg.model.moe.balance_rate
+        if rate > 0:  # the teacher routes with the student's bias (routing state, not a learned weight)
+            for s, t in zip(_moe_layers(self.student), _moe_layers(self.teacher), strict=True):
+                s.deepspeed_moe.balance_step(rate)
+                t.deepspeed_moe.route_bias.copy_(s.deepspeed_moe.route_bias)
+                t.deepspeed_moe._bias_active = None
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
@@ -202,6 +210,10 @@ class SSLMetaArch(nn.Module):
         torch._foreach_mul_(t_params, momentum)
         torch._foreach_add_(t_params, [p.detach().to(t.dtype) for p, t in zip(s_params, t_params)],
                             alpha=1 - momentum)
+
+
+def _moe_layers(net: nn.Module) -> list[SkyMoE]:
+    return [m for m in net.modules() if isinstance(m, SkyMoE)]
 
 
 def _geometry(view: dict) -> dict[str, torch.Tensor]:

@@ -196,12 +196,18 @@ def build_backbone(cfg: ModelConfig, *, seed: int | None = None, device: str | t
     return model
 
 
+OPTIONAL_SUFFIXES = (".deepspeed_moe.route_bias",)
+
+
 def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], *, where: str,
               allow_missing: tuple[str, ...] = ()) -> None:
     """Copy `tensors` into `model`, refusing missing keys (except under `allow_missing` prefixes), extra keys and
     shape changes, with the names in the message."""
     expected = model.state_dict()
-    missing = sorted(k for k in expected.keys() - tensors.keys() if not k.startswith(allow_missing))
+    # Weights written before the MoE routing bias existed route without one: its zero default is exact.
+    optional = tuple(k for k in expected.keys() - tensors.keys() if k.endswith(OPTIONAL_SUFFIXES))
+    missing = sorted(k for k in expected.keys() - tensors.keys() if not k.startswith(allow_missing)
+                     and k not in optional)
     unexpected = sorted(tensors.keys() - expected.keys())
     shapes = sorted(k for k in expected.keys() & tensors.keys() if expected[k].shape != tensors[k].shape)
     problems = []

@@ -25,7 +25,8 @@ def _pair(dim=16, hidden=32, experts=4, **kw):
         min_capacity=0,
         use_rts=False,
     )
-    ds.load_state_dict(ours.state_dict())  # same module tree and names as DeepSpeed's
+    # Same module tree and parameter names as DeepSpeed's; our routing-bias buffer is the one extra entry.
+    ds.load_state_dict({k: v for k, v in ours.state_dict().items() if k != "deepspeed_moe.route_bias"})
     return ours, ds
 
 

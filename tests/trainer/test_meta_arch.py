@@ -164,3 +164,48 @@ def test_centre_moves_once_per_optimizer_step(model):
     torch.testing.assert_close(m.objectives["image"].centers["hr"].center, centre)  # not yet
     m.step_objectives()
     assert not torch.equal(m.objectives["image"].centers["hr"].center, centre)
+
+
+def test_health_gauges_match_an_independent_computation(model):
+    """Entropy, feature spread and MoE balance recomputed from the teacher's own backbone and the gates' inputs."""
+    import numpy as np
+
+    from trainer.model.moe import SkyMoE
+
+    m = copy.deepcopy(model)
+    m.student.train()
+    m.objectives["image"].centers["hr"].center.normal_(0, 0.1)  # a non-trivial centre
+    seen: dict[str, list[torch.Tensor]] = {}
+    for name, moe in m.student["backbone"].named_modules():
+        if isinstance(moe, SkyMoE):
+            layer, run = moe.deepspeed_moe, moe.deepspeed_moe.run
+
+            def spy(x, _name=name, _run=run, _layer=layer):
+                seen.setdefault(_name, []).append(x.detach().reshape(-1, x.shape[-1]).clone())
+                return _run(x)
+            layer.run = spy
+    batch = random_batch(b=4)
+    center = m.objectives["image"].centers["hr"].center.clone()
+    m(batch, teacher_temp=0.05)
+    h = m.health()
+
+    with torch.no_grad():
+        pooled = [m.teacher["backbone"].forward_features(v["hr"], "hr")["pooled"] for v in batch["views"]]
+        logits = [m.teacher["head"](p).double() for p in pooled]
+    probs = [torch.softmax((x - center.double()) / 0.05, -1).numpy() for x in logits]
+    ent = np.mean([-(p * np.log(np.maximum(p, 1e-12))).sum(-1) for p in probs])
+    z = np.concatenate([p.numpy() for p in pooled]).astype(np.float64)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    cos = [z[i] @ z[j] for i in range(4) for j in range(4) if i != j]  # first view's samples
+    assert h["teacher_entropy"] == pytest.approx(ent, rel=1e-4)
+    assert h["feature_std"] == pytest.approx(z.std(axis=0, ddof=1).mean() * np.sqrt(z.shape[1]), rel=1e-4)
+    assert h["feature_cosine"] == pytest.approx(np.mean(cos), rel=1e-4, abs=1e-6)
+
+    assert set(seen) and all(f"moe_load/{n}" in h for n in seen)
+    moes = dict(m.student["backbone"].named_modules())
+    for name, xs in seen.items():  # every student call of the step (both views, every modality)
+        w = moes[name].deepspeed_moe.gate.wg.weight.detach()
+        counts = np.bincount(torch.cat([(x @ w.t()).argmax(-1) for x in xs]).numpy(), minlength=w.shape[0])
+        assert h[f"moe_load/{name}"] == pytest.approx(counts.max() / counts.mean(), rel=1e-6)
+    assert h["moe_max_over_mean"] == max(h[f"moe_load/{n}"] for n in seen)
+    assert "moe_max_over_mean" not in m.health()  # counts reset after each reading

@@ -51,6 +51,11 @@ class IndexMOELayer(MOELayer):
         super().__init__(gate, experts, ep_group_name, ep_size, num_local_experts)
         self.drop_tokens = drop_tokens
         self.last_route: dict[str, torch.Tensor | int] = {}
+        # Routing bias for the choice of expert (`balance_step`); persistent, so a resumed run routes the same.
+        self.register_buffer("route_bias", torch.zeros(gate.wg.weight.shape[0], device=gate.wg.weight.device))
+        self.balance_counting = True  # the meta-architecture turns it off for zero stand-in rows
+        self._step_counts: torch.Tensor | None = None  # expert counts of training calls since the last step
+        self._bias_active: bool | None = None
 
     def _set_ep_group(self, ep_group) -> None:  # group resolved lazily in `_group`
         self.ep_group = None
@@ -73,9 +78,9 @@ class IndexMOELayer(MOELayer):
                 dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
                 n_max = int(t)
             capacity = moe_capacity(n_max, e, cf, self.gate.min_capacity)
-            route = ops.top1_route(x, self.gate.wg.weight, capacity, True)
+            route = ops.top1_route(x, self.gate.wg.weight, capacity, True, bias=self._bias())
         else:
-            route = ops.top1_route(x, self.gate.wg.weight, n, False)
+            route = ops.top1_route(x, self.gate.wg.weight, n, False, bias=self._bias())
             capacity = n if x.is_meta else max(int(route.counts.max()), 1)
             if group is not None:
                 t = torch.tensor([capacity], device=x.device)
@@ -94,9 +99,38 @@ class IndexMOELayer(MOELayer):
         out = ops.moe_combine(y, route.expert, route.position, route.kept, route.gate)
         return out, route, capacity
 
+    def _bias(self) -> torch.Tensor | None:
+        # None while the bias is all zeros (balancing off, or not moved yet): the Triton route kernel stays usable.
+        # Checked once (a host sync on CUDA), again only after `balance_step` or a state-dict load.
+        if self._bias_active is None:
+            self._bias_active = not (self.route_bias.is_meta or not bool(self.route_bias.any()))
+        return self.route_bias if self._bias_active else None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._bias_active = None
+
+    @torch.no_grad()
+    def balance_step(self, rate: float) -> None:
+        """Once per optimizer step, on every rank: bias_e += rate * sign(mean load - load_e) over the step's training
+        calls summed over all ranks (so every rank keeps the same bias), then re-centred (argmax ignores a shift)."""
+        counts = self._step_counts if self._step_counts is not None else torch.zeros_like(self.route_bias)
+        counts = counts.to(self.route_bias.dtype)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts)
+        self._step_counts = None
+        if float(counts.sum()) == 0:
+            return
+        self.route_bias += rate * torch.sign(counts.mean() - counts)
+        self.route_bias -= self.route_bias.mean()
+        self._bias_active = None
+
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, ops.Route]:
         """x: (..., D) -> (out (..., D), route). Only detached statistics are kept on the module (deepcopy)."""
         out, route, capacity = self.route_and_run(x.reshape(-1, x.shape[-1]))
+        if self.training and self.balance_counting and not x.is_meta:
+            c = route.counts.detach()
+            self._step_counts = c if self._step_counts is None else self._step_counts + c
         self.exp_counts = route.counts.detach()
         self.last_route = {
             "counts": self.exp_counts,

@@ -269,15 +269,21 @@ class Route(NamedTuple):
     dropped: int
 
 
-def top1_route(x: torch.Tensor, gate_weight: torch.Tensor, capacity: int, drop_tokens: bool = True) -> Route:
-    """Softmax gate, argmax expert, arrival positions and load-balance statistics. x: (N, D), gate_weight: (E, D)."""
-    if _triton(x, gate_weight):
+def top1_route(x: torch.Tensor, gate_weight: torch.Tensor, capacity: int, drop_tokens: bool = True,
+               bias: torch.Tensor | None = None) -> Route:
+    """Softmax gate, argmax expert, arrival positions and load-balance statistics. x: (N, D), gate_weight: (E, D).
+
+    bias (E,): a load-balancing bias added to the probabilities for the CHOICE of expert only (the gate value stays
+    the unbiased probability; DeepSeek-V3's auxiliary-loss-free balancing). The Triton kernel has no bias input,
+    so a bias routes on this PyTorch path (routing is a small part of an MoE layer's cost).
+    """
+    if bias is None and _triton(x, gate_weight):
         return Route(*_kernels.top1_route(x, gate_weight, capacity, drop_tokens))
     n = x.shape[0]
     e = gate_weight.shape[0]
     logits = x.float() @ gate_weight.float().t()
     probs = torch.softmax(logits, dim=-1)
-    expert = torch.argmax(probs, dim=-1)
+    expert = torch.argmax(probs if bias is None else probs + bias.float(), dim=-1)
     gate = probs.gather(1, expert[:, None]).squeeze(1)
     counts = torch.zeros(e, dtype=torch.long, device=x.device).index_add_(0, expert, torch.ones_like(expert))
     # Arrival position without an (N, E) one-hot: a stable sort groups each expert's tokens in token order.
