@@ -1,4 +1,4 @@
-"""`python -m dataprep {sample,convert,verify,inspect,bench}`: thin entry point."""
+"""`python -m dataprep {sample,convert,verify,inspect,bench,bench-scale}`: thin entry point."""
 
 from __future__ import annotations
 
@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--hr-size", type=int, default=256)
     b.add_argument("--s2-size", type=int, default=64)
     b.add_argument("--workdir", default=None)
+
+    bs = sub.add_parser("bench-scale", help="index memory and load time at scale, on a simulated N-row index")
+    bs.add_argument("--rows", type=int, default=2_000_000)
+    bs.add_argument("--workers", type=int, default=4, help="forked reader processes (DataLoader workers)")
+    bs.add_argument("--reads", type=int, default=20_000, help="random metadata reads per worker")
+    bs.add_argument("--workdir", default=None, help="keep the simulated index here (reused when present)")
+    bs.add_argument("--merge-rows", type=int, default=0, help="instead: rank 0's merge RSS over this many rows")
     return p
 
 
@@ -87,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import bench
 
         return bench(sets=args.sets, hr_size=args.hr_size, s2_size=args.s2_size, workdir=args.workdir)
+    if args.cmd == "bench-scale":
+        from .bench_scale import bench_scale
+
+        return bench_scale(rows=args.rows, workers=args.workers, reads=args.reads, workdir=args.workdir,
+                           merge_rows=args.merge_rows)
     return 2
 
 

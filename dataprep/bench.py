@@ -112,12 +112,13 @@ def _read_bench(root: str, cfg: ShardConfig, hr_size: int, s2_size: int, seed: i
     r = DatasetReader(root)  # fresh: index reads count on first touch
     amp = {m: [0, 0] for m in ("hr", "s2", "s1")}
     for i, m, box, frames in reqs:
-        arrs = r._arrays(int(r._c["shard"][i]))
+        row = r._index.row(i)
+        arrs = r._arrays(row["shard"])
         before = arrs[m].bytes_read
         r.read(i, m, box, frames)
         amp[m][0] += arrs[m].bytes_read - before
-        first = int(r._c["row"][i]) if m == "hr" else (int(r._c[f"{m}_start"][i]) + frames).tolist()
-        amp[m][1] += _touched_chunk_bytes(root, int(r._c["shard"][i]), m, first, box, cfg, hr_size)
+        first = row["row"] if m == "hr" else (row[f"{m}_start"] + frames).tolist()
+        amp[m][1] += _touched_chunk_bytes(root, row["shard"], m, first, box, cfg, hr_size)
     return {
         "read_amplification": {m: round(a / b, 4) if b else None for m, (a, b) in amp.items()},
         "random_crop": {**rates, "crop": f"hr {hr_size // 2}px + s2 {s2_size // 2}px x 4 frames + s1 x 2 frames"},

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import index
 from .errors import Reject
 from .manifest import plan, sha256_file
 from .schema import HR_BANDS, REGION_DEG, S1_BANDS, S2_BANDS, SCHEMA_VERSION, n_regions
@@ -188,44 +189,71 @@ def _run(cfg: ConvertConfig, items: list, n_shards: int, shards_dir: str, mine: 
     return status
 
 
-def _write_atomic_table(table: pa.Table, path: str) -> None:
-    tmp = path + f".tmp-{os.getpid()}"
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+MERGE_BATCH = 1 << 14  # rows per Parquet write in the merge: bounds rank 0's memory whatever the dataset size
+
+
+class _BatchedTable:
+    """A Parquet file written in batches of MERGE_BATCH rows under a temporary name; `commit` renames it."""
+
+    def __init__(self, path: str, schema: pa.Schema):
+        self.path, self.schema, self.tmp = path, schema, path + f".tmp-{os.getpid()}"
+        self.writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
+        self.cols: dict[str, list] = {f.name: [] for f in schema}
+        self.n = self.rows = 0
+
+    def add(self, row: dict) -> None:
+        for name, col in self.cols.items():
+            col.append(row[name])
+        self.n += 1
+        if self.n >= MERGE_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.n:
+            self.writer.write_table(pa.table(self.cols, schema=self.schema))
+        self.rows += self.n
+        self.cols = {name: [] for name in self.cols}
+        self.n = 0
+
+    def commit(self) -> None:
+        self.flush()
+        self.writer.close()
+        os.replace(self.tmp, self.path)
 
 
 def merge(cfg: ConvertConfig, n_shards: int) -> dict:
-    """Collect every shard's rows, errors and stats (in shard order) into the dataset-level files."""
+    """Stream every shard's rows, errors and stats (in shard order) into the dataset-level files."""
     shards_dir = os.path.join(cfg.out, "shards")
     source = os.path.basename(cfg.manifest)
-    rows, errors = [], []
+    rows = _BatchedTable(os.path.join(cfg.out, "index.parquet"), INDEX_SCHEMA)
+    errors = _BatchedTable(os.path.join(cfg.out, "errors.parquet"), ERRORS_SCHEMA)
     acc = {m: {"count": 0, "sum": None, "sumsq": None} for m in ("hr", "s2", "s1")}
     frames = {"s2": 0, "s1": 0}
+    by_kind: dict[str, int] = {}
     for k in range(n_shards):
         meta = read_shard_meta(os.path.join(shards_dir, shard_name(k)))
         for r in meta["rows"]:
-            rows.append({**r, "shard": k, "source": source})
+            rows.add({**r, "shard": k, "source": source})
             frames["s2"] += r["n_s2"]
             frames["s1"] += r["n_s1"]
-        errors.extend({**e, "shard": k} for e in meta["errors"])
-        for m, s in meta["stats"].items():
+        for e in meta["errors"]:
+            errors.add({**e, "shard": k})
+            by_kind[e["kind"]] = by_kind.get(e["kind"], 0) + 1
+        for m, st in meta["stats"].items():
             a = acc[m]
-            a["count"] += s["count"]
-            a["sum"] = np.array(s["sum"]) if a["sum"] is None else a["sum"] + np.array(s["sum"])
-            a["sumsq"] = np.array(s["sumsq"]) if a["sumsq"] is None else a["sumsq"] + np.array(s["sumsq"])
-    cols = {f.name: [r[f.name] for r in rows] for f in INDEX_SCHEMA}
-    _write_atomic_table(pa.table(cols, schema=INDEX_SCHEMA), os.path.join(cfg.out, "index.parquet"))
-    ecols = {f.name: [e[f.name] for e in errors] for f in ERRORS_SCHEMA}
-    _write_atomic_table(pa.table(ecols, schema=ERRORS_SCHEMA), os.path.join(cfg.out, "errors.parquet"))
+            a["count"] += st["count"]
+            a["sum"] = np.array(st["sum"]) if a["sum"] is None else a["sum"] + np.array(st["sum"])
+            a["sumsq"] = np.array(st["sumsq"]) if a["sumsq"] is None else a["sumsq"] + np.array(st["sumsq"])
+        del meta
+    rows.commit()
+    errors.commit()
+    index.ensure(cfg.out)  # the row index the trainer's reader reads (dataprep.index)
     stats = {}
     for m, a in acc.items():
         c = max(a["count"], 1)
         mean = a["sum"] / c
         std = np.sqrt(np.maximum(a["sumsq"] / c - mean**2, 0.0))
         stats[m] = {"mean": mean.tolist(), "std": std.tolist(), "pixels_per_band": a["count"]}
-    by_kind: dict[str, int] = {}
-    for e in errors:
-        by_kind[e["kind"]] = by_kind.get(e["kind"], 0) + 1
     summary = {
         "schema_version": SCHEMA_VERSION,
         "layout": "shards/shard-NNNNN.zarr (Zarr v3); see docs/dataprep.md",
@@ -237,13 +265,13 @@ def merge(cfg: ConvertConfig, n_shards: int) -> dict:
         "shard_size": cfg.shard.shard_size,
         "has_osm": cfg.shard.has_osm,
         "stats": stats,
-        "sets": len(rows),
-        "rejected": len(errors),
+        "sets": rows.rows,
+        "rejected": errors.rows,
         "rejected_by_kind": dict(sorted(by_kind.items())),
         "frames": frames,
         "shards": n_shards,
         "region": {"grid_deg": REGION_DEG, "n_regions": n_regions()},
-        "manifest": {"name": source, "sha256": sha256_file(cfg.manifest), "rows": len(rows) + len(errors)},
+        "manifest": {"name": source, "sha256": sha256_file(cfg.manifest), "rows": rows.rows + errors.rows},
         "config": cfg.shard.fingerprint(),
     }
     tmp = os.path.join(cfg.out, f"dataset.json.tmp-{os.getpid()}")

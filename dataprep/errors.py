@@ -10,7 +10,6 @@ KINDS = (
     "lonlat_out_of_range",
     "bad_date",  # unparseable frame date
     "duplicate_date",  # two frames of one modality on the same day
-    "empty_time_series",  # s2/s1 given as an empty list (absent/null means "modality missing")
     "empty_set",  # no HR, no S2, no S1
     "path_escapes_root",  # a path resolving outside --root
     "missing_file",

@@ -122,8 +122,8 @@ def _frames(value, base: str, root: str | None, mod: str, row_scale) -> list[Fra
             return None
     if not isinstance(value, list | tuple):
         raise Reject("malformed_row", f"{mod}: expected a list of {{path, date}}, got {type(value).__name__}")
-    if len(value) == 0:
-        raise Reject("empty_time_series", f"{mod}: empty time series (use null to mark the modality missing)")
+    if len(value) == 0:  # [] means "none", like null or an omitted key
+        return None
     frames = []
     for j, fr in enumerate(value):
         if not isinstance(fr, dict) or "path" not in fr or "date" not in fr:

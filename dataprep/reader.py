@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .index import IndexColumns
 from .schema import DTYPES, N_BANDS, OSM_UNKNOWN
 from .shardio import FastArray, open_fast
 
@@ -16,13 +17,13 @@ from .shardio import FastArray, open_fast
 class DatasetReader:
     """Lazy, fork-safe reader over a dataprep dataset: opens shard stores on first access in each process.
 
-    Index metadata (index.parquet) is loaded once into numpy arrays; zarr handles are opened per process
-    on first use and never pickled, so the reader can be handed to DataLoader workers (fork or spawn).
+    Index metadata lives in column files beside index.parquet (dataprep.index; built on first open for datasets
+    that lack them), read a row at a time from the shared page cache: no process holds a copy of the index, no
+    Python object exists per row, and forked DataLoader workers add nothing per row. Shard handles are opened per
+    process on first use and never pickled, so the reader can be handed to DataLoader workers (fork or spawn).
     """
 
     def __init__(self, root: str | os.PathLike, max_open_shards: int = 64, fast: bool = True):
-        import pyarrow.parquet as pq
-
         self.root = Path(root)
         with open(self.root / "dataset.json") as f:
             self.info: dict = json.load(f)
@@ -30,42 +31,33 @@ class DatasetReader:
         self.hr_size: int = int(self.info["hr_size"])
         self.s2_size: int = int(self.info["s2_size"])
         self.has_osm: bool = bool(self.info.get("has_osm", False))
-        t = pq.read_table(self.root / "index.parquet")
-        self.ids = np.array(t.column("id").to_pylist(), dtype=object)
-        col = {n: t.column(n).to_numpy() for n in
-               ("shard", "row", "lon", "lat", "region", "label", "has_hr", "has_osm", "n_s2", "n_s1",
-                "s2_start", "s1_start")}  # fmt: skip
-        self._c = col
-        self._dates = {}
-        for m in ("s2", "s1"):
-            lst = t.column(f"{m}_dates").combine_chunks()
-            self._dates[m] = (lst.offsets.to_numpy().astype(np.int64), lst.values.to_numpy().astype(np.int32))
+        self._map_index()
         self.max_open_shards = max_open_shards
         self._pid = None
         self._open: dict[int, dict] = {}
         self.fast = fast  # read dataprep's own shard layout directly (dataprep.shardio); False = through zarr
 
+    def _map_index(self) -> None:
+        self._index = IndexColumns(self.root)
+
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self._index)
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_open"], state["_pid"] = {}, None  # never carry zarr handles across processes
+        state.pop("_index")  # file descriptors and mappings: opened again on arrival
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self._map_index()
 
     def meta(self, i: int) -> dict:
         """id, lon, lat, region, label, has_hr, has_osm, shard, row, s2_dates / s1_dates (int32 days since epoch)."""
-        c = self._c
-        out = {"id": self.ids[i], "lon": float(c["lon"][i]), "lat": float(c["lat"][i]),
-               "region": int(c["region"][i]), "label": int(c["label"][i]), "has_hr": bool(c["has_hr"][i]),
-               "has_osm": bool(c["has_osm"][i]), "shard": int(c["shard"][i]), "row": int(c["row"][i])}  # fmt: skip
-        for m in ("s2", "s1"):
-            off, vals = self._dates[m]
-            out[f"{m}_dates"] = vals[off[i] : off[i + 1]].copy()
-        return out
+        c = self._index.meta(i)
+        return {k: c[k] for k in ("id", "lon", "lat", "region", "label", "has_hr", "has_osm", "shard", "row",
+                                  "s2_dates", "s1_dates")}  # fmt: skip
 
     def _arrays(self, shard: int) -> dict:
         pid = os.getpid()
@@ -91,15 +83,15 @@ class DatasetReader:
         """Pixels of set i. "hr" -> (3, h, w) uint8; "s2" -> (T, 10, h, w) uint16; "s1" -> (T, 2, h, w) float32;
         "osm" -> (h, w) uint8. box = (y0, x0, y1, x1) in that modality's pixels (None = whole); frames =
         indices into the set's time series (None = all). Reads only the chunks the box/frames touch."""
-        c = self._c
+        c = self._index.row(i)
         size = self.s2_size if modality in ("s2", "s1") else self.hr_size
         y0, x0, y1, x1 = box if box is not None else (0, 0, size, size)
         if not (0 <= y0 <= y1 <= size and 0 <= x0 <= x1 <= size):
             raise IndexError(f"box {box} outside a {size}x{size} {modality} image")
-        arrs = self._arrays(int(c["shard"][i]))
-        row = int(c["row"][i])
+        arrs = self._arrays(c["shard"])
+        row = c["row"]
         if modality == "hr":
-            if not c["has_hr"][i]:
+            if not c["has_hr"]:
                 return np.zeros((3, y1 - y0, x1 - x0), np.uint8)
             return _take(arrs["hr"], np.array([row]), (y0, x0, y1, x1))[0]
         if modality == "osm":
@@ -108,8 +100,8 @@ class DatasetReader:
             return _take(arrs["osm"], np.array([row]), (y0, x0, y1, x1))[0]
         if modality not in ("s2", "s1"):
             raise KeyError(f"unknown modality {modality!r}")
-        n = int(c[f"n_{modality}"][i])
-        start = int(c[f"{modality}_start"][i])
+        n = c[f"n_{modality}"]
+        start = c[f"{modality}_start"]
         if frames is None:
             sel = np.arange(n)
         else:

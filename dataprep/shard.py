@@ -16,7 +16,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from .errors import Reject
 from .manifest import SetSpec
-from .schema import DTYPES, N_BANDS, OSM_UNKNOWN, region_of
+from .schema import DTYPES, HR_BANDS, N_BANDS, OSM_UNKNOWN, S1_BANDS, S2_BANDS, region_of
 from .sources import load_hr, load_osm, load_s1, load_s2
 
 HR_CHUNK = 256
@@ -91,9 +91,32 @@ def _key(*idx: int) -> str:
     return "c." + ".".join(map(str, idx))
 
 
+# Zarr v3 dimension names (xarray's open_zarr needs them) and attributes. Every size gets its own name, because
+# xarray puts a shard's arrays into one Dataset, where a dimension has one length: HR's bands and pixels are not
+# S2's, and each ragged frame axis is its own. `scale`: physical value = stored value x scale (not CF's
+# `scale_factor`, which xarray would apply, turning the stored integers into floats).
+DIMS = {"hr": ("set", "hr_band", "hr_y", "hr_x"), "osm": ("set", "hr_y", "hr_x"),
+        "s2": ("s2_frame", "s2_band", "y", "x"), "s1": ("s1_frame", "s1_band", "y", "x"),
+        "s2_offsets": ("set_edge",), "s1_offsets": ("set_edge",), "s2_dates": ("s2_frame",),
+        "s1_dates": ("s1_frame",)}  # fmt: skip
+ATTRS = {
+    "hr": {"long_name": "high-resolution optical image", "bands": list(HR_BANDS), "units": "DN 0-255", "scale": 1},
+    "osm": {"long_name": "land-cover label raster", "units": "class id", "unknown_class": OSM_UNKNOWN},
+    "s2": {"long_name": "Sentinel-2 frames, all sets' series concatenated (set i: s2_offsets[i]:s2_offsets[i+1])",
+           "bands": list(S2_BANDS), "units": "reflectance x 1e4", "scale": 1e-4},
+    "s1": {"long_name": "Sentinel-1 frames, all sets' series concatenated (set i: s1_offsets[i]:s1_offsets[i+1])",
+           "bands": list(S1_BANDS), "units": "backscatter dB", "scale": 1},
+    "s2_offsets": {"long_name": "first S2 frame of each set, then the frame count"},
+    "s1_offsets": {"long_name": "first S1 frame of each set, then the frame count"},
+    "s2_dates": {"long_name": "S2 acquisition date", "units": "days since 1970-01-01"},
+    "s1_dates": {"long_name": "S1 acquisition date", "units": "days since 1970-01-01"},
+}
+
+
 def _create(group, name, shape, chunks, shards, dtype, cfg, fill_value=0):
     return group.create_array(name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, fill_value=fill_value,
-                              compressors=compressors(cfg, np.dtype(dtype)), chunk_key_encoding=KEY_ENCODING)
+                              compressors=compressors(cfg, np.dtype(dtype)), chunk_key_encoding=KEY_ENCODING,
+                              dimension_names=DIMS[name], attributes=ATTRS[name])
 
 
 def _load_set(spec: SetSpec, cfg: ShardConfig) -> dict:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole pipeline on this machine: sample data -> dataprep -> a short tiny pretraining run on 2 ranks -> summary.
-# Usage: bash launch/demo.sh   (DEMO_DIR, DEMO_SETS, DEMO_STEPS, DEMO_RANKS override the defaults)
+# Usage: bash launch/demo.sh [--verbose]   (DEMO_DIR, DEMO_SETS, DEMO_STEPS, DEMO_RANKS override the defaults)
+# The console shows our progress lines, warnings and errors; --verbose adds every library's INFO lines.
 set -euo pipefail
+if [ "${1:-}" = --verbose ]; then export SKYSENSE_VERBOSE=1; fi
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$ROOT"
 DEMO_DIR="${DEMO_DIR:-runs/demo}"
@@ -17,6 +19,7 @@ python -m dataprep convert --manifest "$DEMO_DIR/raw/manifest.jsonl" --out "$DEM
 echo "== 3/4 pretrain the tiny recipe on $DEMO_RANKS CPU ranks for $DEMO_STEPS steps"
 rm -rf "$DEMO_DIR/run"
 bash launch/pretrain.sh --num-ranks "$DEMO_RANKS" --master-port "${MASTER_PORT:-29511}" --recipe tiny \
-  --data "$DEMO_DIR/data" --max-steps "$DEMO_STEPS" --run-dir "$DEMO_DIR/run" --set metrics.port=9400
-echo "== 4/4 summary"
+  --data "$DEMO_DIR/data" --set train.max_steps="$DEMO_STEPS" --run-dir "$DEMO_DIR/run" --set metrics.port=9400
+echo "== 4/4 summary and plots"
+python -m trainer.report "$DEMO_DIR/run" >/dev/null  # PNGs into RUN/report/; the summary says where
 python -m trainer.summary "$DEMO_DIR/run" --wall-seconds "$(( $(date +%s) - start ))"

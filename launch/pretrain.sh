@@ -6,7 +6,8 @@
 # Usage: bash launch/pretrain.sh [--hostfile FILE] [--num-ranks N] [--node-rank R --no-ssh] [--master-addr A]
 #            [--master-port P] [--print-only] --recipe tiny --data DIR [--set key=value ...] [--max-steps N]
 #            [--run-dir DIR] [--dry-run]
-# Also valid: deepspeed [--hostfile FILE] launch/pretrain.sh ARGS   (the launcher first, as operators type it)
+# Also valid: deepspeed [--hostfile FILE] launch/pretrain.sh ARGS   (the launcher first, as operators type it; that
+# form keeps DeepSpeed's own signal handling: use the first form where jobs are preempted)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
@@ -65,7 +66,13 @@ if [ "$PRINT_ONLY" = 1 ]; then
   echo "$DEEPSPEED ${launcher[*]} $0 ${args[*]}"
   exit 0
 fi
-exec "$DEEPSPEED" "${launcher[@]}" "$0" "${args[@]}"
+# The launcher runs with SIGTERM/SIGINT blocked (the mask is inherited through exec and fork; every rank unblocks
+# them, trainer/preempt.py): left alone, DeepSpeed's launcher answers a preemption signal by signalling every rank
+# again (which must mean "exit now") and killing them 30 s later. The ranks checkpoint and exit 0, and so does it.
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
+exec "$PYTHON" -c 'import os, signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+os.execvp(sys.argv[1], sys.argv[1:])' "$DEEPSPEED" "${launcher[@]}" "$0" "${args[@]}"
 ":"""
 import os
 import sys

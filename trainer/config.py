@@ -118,6 +118,16 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 1000
     keep_ckpts: int = 3
+    # max_steps is the schedule length (lr, wd, momentum, temperature); stop_step only ends this job early
+    # (`--max-steps N`; 0 = at max_steps), so a run continued later keeps its schedules.
+    stop_step: int = 0
+    max_bad_steps: int = 3  # optimizer steps skipped for non-finite loss/gradients in a row before the run stops
+    allow_data_change: bool = False  # resume although the dataset fingerprint differs from the checkpoint's
+    allow_schedule_change: bool = False  # resume although max_steps or a schedule setting differs
+    # Collectives (gloo/nccl) fail after this long instead of hanging when a rank dies; long enough for the
+    # slowest checkpoint write of a large run, short enough that a dead node frees the job within minutes. It also
+    # bounds the start-up rendezvous (every rank must have started within it).
+    collective_timeout_s: int = 900
 
 
 @dataclass(kw_only=True, slots=True)
@@ -165,8 +175,20 @@ class RunConfig:
 
 
 def huge() -> RunConfig:
-    """The paper's setting: batch 1024, AdamW 2e-4 cosine to 1e-6, 600k steps (objectives-notes.md)."""
-    return RunConfig(recipe="huge", model=huge_model())
+    """The paper's setting: batch 1024 on 128 H20, AdamW 2e-4 cosine to 1e-6, 600k steps (objectives-notes.md).
+
+    Views as the official SkySense code feeds them: HR 512 px globals, so S2/S1 16 px per date on the paper's sets
+    (2048 px HR over a 64 px S2 tile, 32:1); locals 256 px HR / 8 px S2 (not in the paper: DINO's half-side
+    locals, 4 of them); 10 S2 and 5 S1 dates per view. Micro-batch 8 = 1024 / 128 (no accumulation) with activation
+    checkpointing on: `python -m trainer.plan --recipe huge --gpus 128 --gpu-kind h20` traces ~26 GiB of activations
+    per sample without checkpointing (the 24-layer fusion over every view's 16x16 cells is most of it), so at
+    most micro-batch 2 would fit a 96 GB H20 (README, "Capacity planning").
+    """
+    cfg = RunConfig(recipe="huge", model=huge_model())
+    cfg.model.activation_checkpointing = True
+    cfg.data = DataConfig(hr_crop=512, local_crop=256, local_crops=4, s2_frames=10, s1_frames=5)
+    cfg.train.micro_batch = 8
+    return cfg
 
 
 def base() -> RunConfig:
@@ -174,6 +196,7 @@ def base() -> RunConfig:
     cfg = huge()
     cfg.recipe = "base"
     cfg.model = base_model()
+    cfg.data = DataConfig()  # small views as before huge took the paper's sizes: a single-node experiment
     cfg.loss.head_out_dim = 8192
     cfg.train.global_batch = 256
     cfg.train.max_steps = 100_000
@@ -219,7 +242,8 @@ def learn() -> RunConfig:
     cfg.data.num_workers = 1
     # Milder colour jitter than DINO's (no hue, saturation 0.1, grayscale 0.05): aerial scene classes carry much of
     # their identity in colour (a colour histogram alone scores 35% k-NN on aid-dev), and DINO's hue 0.1 / grayscale
-    # 0.2 taught the features to throw it away. Measured: aid-dev teacher k-NN 32.2 -> 34.2 (mean of 3 seeds each; random init 23.6).
+    # 0.2 taught the features to throw it away. Measured: aid-dev teacher k-NN 32.2 -> 34.2 (mean of 3 seeds each;
+    # random init 23.6).
     cfg.data.hr_hue = 0.0
     cfg.data.hr_saturation = 0.1
     cfg.data.hr_grayscale_p = 0.05

@@ -10,12 +10,14 @@ way on any number of ranks and after any resume.
 from __future__ import annotations
 
 import functools
+import logging
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dataprep.reader import DatasetReader
+from dataprep.shardio import ChecksumError
 from trainer.config import DataConfig, RunConfig, grad_accumulation
 from trainer.model.config import IN_CHANS, MODALITIES
 from trainer.views import (
@@ -31,6 +33,9 @@ from trainer.views import (
     sample_box,
     speckle,
 )
+
+_log = logging.getLogger(__name__)
+MAX_CORRUPT_SKIPS = 64  # consecutive corrupt positions before a sample read gives up (a damaged dataset, not a chunk)
 
 
 class StreamOrder:
@@ -132,6 +137,21 @@ class PretrainViews(Dataset):
         return len(self.reader)
 
     def __getitem__(self, position: int) -> dict:
+        """Stream position -> sample. A sample whose stored chunk fails its crc32c is replaced by the next stream
+        position (the same replacement on any world size and after any resume) and counted: `skipped_corrupt` is
+        the number of corrupt positions passed over for this sample (0 almost always; a batch sums it)."""
+        for skipped in range(MAX_CORRUPT_SKIPS):
+            try:
+                out = self._sample(position + skipped)
+            except ChecksumError as e:
+                _log.warning("stream position %d: corrupt sample skipped: %s", position + skipped, e)
+                continue
+            out["position"], out["skipped_corrupt"] = position, skipped
+            return out
+        raise RuntimeError(f"stream positions {position}..{position + MAX_CORRUPT_SKIPS - 1} are all corrupt: the "
+                           f"dataset is damaged; run `python -m dataprep verify` on it")
+
+    def _sample(self, position: int) -> dict:
         i = self.order.index(position)
         meta = self.reader.meta(i)
         n_views = 2 + self.cfg.local_crops

@@ -13,8 +13,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> None:
-    """Start DeepSpeed's process group from the launcher's env; a plain `python` run becomes a one-rank world."""
+def init_distributed(timeout_s: float | None = None) -> None:
+    """Start DeepSpeed's process group from the launcher's env; a plain `python` run becomes a one-rank world.
+
+    `timeout_s`: how long a collective waits for a missing rank before it fails (DeepSpeed's default otherwise).
+    """
+    from datetime import timedelta
+
     import torch
 
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
@@ -29,4 +34,13 @@ def init_distributed() -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+    if timeout_s:
+        # Groups made later (DeepSpeed's expert and expert-data-parallel groups) take torch's module default
+        # (30 min), not the world group's timeout: without this a dead peer in an MoE all-to-all hangs the job.
+        import torch.distributed.distributed_c10d as c10d
+
+        c10d.default_pg_timeout = kwargs["timeout"]
+        if hasattr(c10d, "default_pg_nccl_timeout"):
+            c10d.default_pg_nccl_timeout = kwargs["timeout"]
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False, **kwargs)

@@ -75,7 +75,8 @@ def export(checkpoint: str | Path, out: str | Path, *, weights: str = "teacher",
     tensors = export_tensors(state, weights=weights, include=tuple(include))
     facts = checkpoint_facts(tag)
     mcfg = model_config_ep1(cfg.model)
-    main = [v for k, v in tensors.items() if not k.startswith("student.")]
+    # Parameters only: the MoE routing-bias buffers travel in the file but are routing state, not weights.
+    main = [v for k, v in tensors.items() if not k.startswith("student.") and not k.endswith(".route_bias")]
     meta = {
         "format": EXPORT_FORMAT,
         "version": 1,

@@ -58,7 +58,11 @@ class SSLMetaArch(nn.Module):
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         self.teacher_autocast: torch.dtype | None = None
-        self._moe_counts: dict[str, torch.Tensor] = {}
+        # MoE routing summed over every call since the last `health()`: (network, modality, layer) -> [counts (E,),
+        # dropped, tokens]. `count_moe` is off while trainer.metrics.step_flops runs its extra encodes.
+        self._moe_counts: dict[tuple[str, str, str], list] = {}
+        self.moe_step: dict[tuple[str, str, str], dict] = {}
+        self.count_moe = True
         self._last: dict | None = None
 
     def train(self, mode: bool = True):
@@ -98,8 +102,8 @@ class SSLMetaArch(nn.Module):
             for moe in _moe_layers(net):  # stand-in rows must not steer the routing balancer either
                 moe.deepspeed_moe.balance_counting = bool(scale)
             f = backbone.forward_features(sub.reshape(-1, *sub.shape[-3:]), m)
-            if net is self.student and scale:  # the zero stand-in row's identical tokens would skew the load
-                self._count_experts(backbone)
+            # The zero stand-in row's identical tokens would skew the load: not counted.
+            self._count_experts("student" if net is self.student else "teacher", m, backbone, bool(scale))
             aux = aux + scale * f["aux_loss"]
             p = f["pooled"].reshape(*lead, -1)
             last = f["stages"][-1]
@@ -117,11 +121,18 @@ class SSLMetaArch(nn.Module):
         pooled["fus"], maps["fus"] = fused.mean(dim=(1, 2)), fused
         return {"pooled": pooled, "maps": maps, "geom": _geometry(view), "aux": aux}
 
-    def _count_experts(self, backbone: nn.Module) -> None:
+    def _count_experts(self, network: str, modality: str, backbone: nn.Module, count: bool) -> None:
+        # Each route is read once and cleared, so a layer that did not run in this call cannot be counted twice.
         for name, moe in backbone.named_modules():
-            if isinstance(moe, SkyMoE) and moe.deepspeed_moe.last_route:
-                c = moe.deepspeed_moe.last_route["counts"].detach().float()
-                self._moe_counts[name] = self._moe_counts.get(name, 0.0) + c
+            route = moe.deepspeed_moe.last_route if isinstance(moe, SkyMoE) else None
+            if not route:
+                continue
+            if count and self.count_moe:
+                acc = self._moe_counts.setdefault((network, modality, name), [0, 0, 0])
+                acc[0] = acc[0] + route["counts"].detach()
+                acc[1] += route["dropped"]
+                acc[2] += route["tokens"]
+            moe.deepspeed_moe.last_route = {}
 
     def forward(self, batch: dict, teacher_temp: float) -> dict[str, torch.Tensor]:
         globals_, locals_ = batch["views"], batch.get("local_views", [])
@@ -180,10 +191,20 @@ class SSLMetaArch(nn.Module):
 
     def health(self) -> dict[str, float]:
         """Learning-health gauges of the last micro-batch plus MoE balance (max / mean expert load, worst layer) over
-        every student MoE call since the last call of this method; resets the MoE counts."""
+        every student MoE call since the last call of this method.
+
+        Also sets `moe_step`: {(network, modality, layer): {"expert_counts", "dropped", "tokens"}} summed over every
+        MoE call since the last call (student and teacher apart, every micro-batch), then resets the counts.
+        """
         out = self._learning_health()
-        if self._moe_counts:
-            loads = {name: float(c.max() / c.mean().clamp_min(1e-9)) for name, c in self._moe_counts.items()}
+        self.moe_step = {key: {"expert_counts": [int(v) for v in c.tolist()], "dropped": int(d), "tokens": int(n)}
+                         for key, (c, d, n) in sorted(self._moe_counts.items())}
+        per_layer: dict[str, torch.Tensor] = {}
+        for (network, _, name), (c, _, _) in self._moe_counts.items():
+            if network == "student":
+                per_layer[name] = per_layer.get(name, 0) + c.float()
+        if per_layer:
+            loads = {name: float(c.max() / c.mean().clamp_min(1e-9)) for name, c in per_layer.items()}
             out["moe_max_over_mean"] = max(loads.values())
             out.update({f"moe_load/{name}": v for name, v in loads.items()})
         self._moe_counts = {}

@@ -32,6 +32,7 @@ def summarise(run_dir: Path) -> dict:
         "checkpoint": str(run_dir / "checkpoints" / latest.read_text().strip()) if latest.exists() else None,
         "config": str(run_dir / "config.json"),
         "metrics_log": str(metrics),
+        "report": (str(run_dir / "report") + "/" if any((run_dir / "report").glob("*.png")) else None),
         "metrics_endpoint": (f"http://localhost:{config['metrics']['port']}/metrics (+ local rank, while running)"
                              if config.get("metrics", {}).get("port") else None),
     }
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoint     {s['checkpoint']}")
     print(f"config         {s['config']}")
     print(f"metrics log    {s['metrics_log']}")
+    if s["report"]:
+        print(f"plots          {s['report']}  (python -m trainer.report {s['run_dir']})")
     if s["metrics_endpoint"]:
         print(f"prometheus     {s['metrics_endpoint']}")
     if "wall_seconds" in s:

@@ -55,12 +55,13 @@ def bad_manifest(raw, tmp_path_factory):
         variant("wrong_dtype2", s2=s2file("f.npy", np.zeros((10, S2, S2), np.float32))),
         variant("nan_inf", s1=[{"path": "s1/nan.npy", "date": "2021-02-02"}]),
         variant("value_out_of_range", s2=s2file("neg.npy", -np.ones((10, S2, S2), np.int32))),
-        variant("empty_time_series", s2=[]),
+        json.dumps({**good, "id": "none-empty-lists", "s2": [], "s1": []}),  # [] means "none", like null
         variant("bad_date", s1=[{**good["s1"][0], "date": "2021-13-45"}]),
         variant("duplicate_date", s2=[good["s2"][0], {**good["s2"][1], "date": good["s2"][0]["date"]}]),
         variant("lonlat_out_of_range", lat=95.0),
         variant("path_escapes_root", hr="../outside.png"),
         variant("empty_set", hr=None, s2=None, s1=None),
+        variant("empty_set2", hr=None, s2=[], s1=[]),
         json.dumps({k: v for k, v in good.items() if k != "lon"} | {"id": "bad-missing_field"}),
         json.dumps({**good}),  # duplicate id: the first occurrence stays
         '{"id": "bad-malformed_row", "lon": 1.0, ',  # truncated line
@@ -75,27 +76,29 @@ def test_every_error_kind(bad_manifest, tmp_path):
     assert rc == 1
     idx = pq.read_table(tmp_path / "out" / "index.parquet").to_pylist()
     errs = pq.read_table(tmp_path / "out" / "errors.parquet").to_pylist()
-    assert len(idx) == 12 and not any(r["id"].startswith("bad-") for r in idx)
+    assert len(idx) == 13 and not any(r["id"].startswith("bad-") for r in idx)
+    none = next(r for r in idx if r["id"] == "none-empty-lists")
+    assert none["has_hr"] and none["n_s2"] == none["n_s1"] == 0 and none["s2_dates"] == none["s1_dates"] == []
     got = {(e["id"] or f"row{e['manifest_row']}"): e for e in errs}
     want = {"bad-" + k: k.rstrip("2") for k in (
         "missing_file", "corrupt_file", "corrupt_file2", "wrong_band_count", "wrong_size", "wrong_dtype",
-        "wrong_dtype2", "nan_inf", "value_out_of_range", "empty_time_series", "bad_date", "duplicate_date",
-        "lonlat_out_of_range", "path_escapes_root", "empty_set", "missing_field")}  # fmt: skip
+        "wrong_dtype2", "nan_inf", "value_out_of_range", "bad_date", "duplicate_date",
+        "lonlat_out_of_range", "path_escapes_root", "empty_set", "empty_set2", "missing_field")}  # fmt: skip
     for sid, kind in want.items():
         assert got[sid]["kind"] == kind, (sid, got[sid])
         assert got[sid]["kind"] in KINDS
-    assert got[dup_id]["kind"] == "duplicate_id" and got[dup_id]["manifest_row"] == 28
+    assert got[dup_id]["kind"] == "duplicate_id" and got[dup_id]["manifest_row"] == 29
     malformed = [e for e in errs if e["kind"] == "malformed_row"]
-    assert len(malformed) == 1 and "line 30" in malformed[0]["message"]
+    assert len(malformed) == 1 and "line 31" in malformed[0]["message"]
     # messages name the offending file
     assert "nope.png" in got["bad-missing_file"]["message"] and "trunc.png" in got["bad-corrupt_file"]["message"]
     assert "nan.npy" in got["bad-nan_inf"]["message"] and "b7.npy" in got["bad-wrong_band_count"]["message"]
     assert "outside.png" in got["bad-path_escapes_root"]["message"]
     # exactly one of index / errors per manifest row
     rows = sorted([r["manifest_row"] for r in idx] + [e["manifest_row"] for e in errs])
-    assert rows == list(range(30))
+    assert rows == list(range(31))
     info = json.loads((tmp_path / "out" / "dataset.json").read_text())
-    assert info["rejected"] == len(errs) == 18 and info["manifest"]["rows"] == 30
+    assert info["rejected"] == len(errs) == 18 and info["manifest"]["rows"] == 31
 
 
 def test_strict_stops_at_first(bad_manifest, tmp_path):

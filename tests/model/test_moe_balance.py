@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -38,7 +36,7 @@ def test_balance_step_is_the_sign_rule_recentred():
 
 
 def test_balancing_spreads_a_collapsed_router():
-    """Every token prefers expert 0; with the balancer the load evens out within ~100 steps at rate 0.01, without it not."""
+    """Every token prefers expert 0: with the balancer (rate 0.01) the load evens out within ~100 steps, without not."""
     torch.manual_seed(0)
     x = torch.randn(256, 8)
     x[:, 0] = 1.0
@@ -94,3 +92,15 @@ def test_meta_arch_steps_the_bias_and_the_teacher_follows():
     m(random_batch(b=2, has={"s1": [False, False]}), teacher_temp=0.04)
     assert sum(int(s.deepspeed_moe._step_counts.sum()) for s in student) == sum(n for n, on in seen if on)
     assert any(not on for _, on in seen) and any(on for _, on in seen)
+
+
+def test_state_dicts_from_before_the_routing_bias_still_load_strictly():
+    torch.manual_seed(0)
+    moe = SkyMoE(8, 16, num_experts=4)
+    old = {k: v for k, v in moe.state_dict().items() if not k.endswith("route_bias")}
+    fresh = SkyMoE(8, 16, num_experts=4)
+    fresh.deepspeed_moe.route_bias.fill_(0.3)
+    fresh.load_state_dict(old)  # strict
+    assert fresh.deepspeed_moe.route_bias.abs().sum() == 0
+    x = torch.randn(20, 8)
+    torch.testing.assert_close(fresh(x)[0], moe(x)[0])

@@ -343,8 +343,11 @@ def test_tag_config_wins_over_the_run_config(tmp_path):
 
 def test_checkpoint_save_writes_the_tag_config(tmp_path):
     class Engine:  # the part of DeepSpeedEngine that checkpoint.save uses
-        def save_checkpoint(self, ckpt_dir, tag, client_state):
+        module = torch.nn.Linear(2, 2)  # checked for non-finite values before writing
+
+        def save_checkpoint(self, ckpt_dir, tag, client_state, save_latest=True):
             (Path(ckpt_dir) / tag).mkdir(parents=True)
+            (Path(ckpt_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"")  # what DeepSpeed writes first
 
     tree = to_dict(tiny_config())
     tag = checkpoint.save(Engine(), tmp_path, step=5, client_state={"recipe": "tiny"}, rank=0, keep=0, config=tree)

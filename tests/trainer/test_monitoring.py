@@ -40,12 +40,38 @@ def test_scrape_config_targets_every_rank(tmp_path):
         assert r.returncode == 0, r.stdout + r.stderr
 
 
+def served_names(m: Metrics) -> set[str]:
+    return {s.name for fam in m.registry.collect() for s in fam.samples}
+
+
+def dashboard_names(dash: dict) -> set[str]:
+    return {name for p in dash["panels"] for t in p["targets"] for name in re.findall(r"skysense_\w+", t["expr"])}
+
+
 def test_dashboard_queries_only_served_metrics():
+    """Every metric a panel queries is served by a rank after one step (the live endpoints of a real run are
+    checked the same way in test_prometheus_multiproc.py), and the panels operators need are there."""
     dash = json.loads((REPO / "launch" / "monitoring" / "grafana-dashboard.json").read_text())
     m = Metrics(rank=0, port=0, run_dir=None, peak=0.0)
-    m.record(step=1, samples=1, tokens=1, flops=1.0, times={"step": 1.0}, losses={"total": 1.0}, lr=1.0,
-             grad_norm=1.0, momentum=1.0, moe={"l": {"expert_counts": [1], "dropped": 0}})
-    served = {s.name for fam in m.registry.collect() for s in fam.samples}
-    queried = {name for p in dash["panels"] for t in p["targets"] for name in re.findall(r"skysense_\w+", t["expr"])}
-    assert queried and not queried - served, queried - served
+    m.record(step=1, samples=1, tokens=1, flops={("student", "global", "forward"): 1.0},
+             times={"step": 1.0, "data": 0.1}, losses={"total": 1.0}, lr=1.0, grad_norm=1.0, momentum=1.0,
+             health={"knn_top1": 0.5},
+             moe={("student", "hr", "l"): {"expert_counts": [1], "dropped": 0, "tokens": 1}})
+    queried = dashboard_names(dash)
+    assert queried and not queried - served_names(m), queried - served_names(m)
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+    exprs = {p["title"]: " ".join(t["expr"] for t in p["targets"]) for p in dash["panels"]}
+    for needed in ("skysense_samples_per_second", "skysense_mfu_ratio", "skysense_loss", "skysense_learning_health",
+                   "skysense_step_phase_seconds", "skysense_moe_expert_tokens"):
+        assert any(needed in e for e in exprs.values()), needed
+    heat = [p for p in dash["panels"] if p["type"] == "heatmap"]
+    assert heat and all("skysense_moe_expert_tokens" in t["expr"] for p in heat for t in p["targets"])
+
+
+def test_scrape_config_passes_promtool_with_a_short_interval(tmp_path):
+    if not shutil.which("promtool"):
+        pytest.skip("promtool not installed (Debian package `prometheus`; .ci/run installs it)")
+    out = tmp_path / "prometheus.yml"
+    out.write_text(scrape_config([("localhost", 2)], port=9500, interval_s=1))  # timeout must not exceed it
+    r = subprocess.run(["promtool", "check", "config", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -28,8 +28,8 @@ STEPS, CKPT_EVERY = 12, 6
 def launch(data: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     cmd = ["bash", "launch/pretrain.sh", "--num-ranks", "2", "--master-port", str(free_port()), "--recipe", "tiny",
-           "--data", str(data), "--max-steps", str(STEPS), "--run-dir", str(run_dir), "--set", "metrics.port=0",
-           "--set", f"train.ckpt_every={CKPT_EVERY}", "--set", "model.moe.ep_size=2", *extra]
+           "--data", str(data), "--set", f"train.max_steps={STEPS}", "--run-dir", str(run_dir),
+           "--set", "metrics.port=0", "--set", f"train.ckpt_every={CKPT_EVERY}", "--set", "model.moe.ep_size=2", *extra]
     log = open(run_dir.parent / f"{run_dir.name}.log", "ab")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 

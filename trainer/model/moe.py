@@ -78,9 +78,9 @@ class IndexMOELayer(MOELayer):
                 dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
                 n_max = int(t)
             capacity = moe_capacity(n_max, e, cf, self.gate.min_capacity)
-            route = ops.top1_route(x, self.gate.wg.weight, capacity, True, bias=self._bias())
+            route = ops.top1_route(x, self.gate.wg.weight, capacity, True, **self._bias_kwargs())
         else:
-            route = ops.top1_route(x, self.gate.wg.weight, n, False, bias=self._bias())
+            route = ops.top1_route(x, self.gate.wg.weight, n, False, **self._bias_kwargs())
             capacity = n if x.is_meta else max(int(route.counts.max()), 1)
             if group is not None:
                 t = torch.tensor([capacity], device=x.device)
@@ -106,8 +106,16 @@ class IndexMOELayer(MOELayer):
             self._bias_active = not (self.route_bias.is_meta or not bool(self.route_bias.any()))
         return self.route_bias if self._bias_active else None
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _bias_kwargs(self) -> dict:
+        # Only with a bias: a routing function without that argument (kernels.top1_route) still works unbalanced.
+        bias = self._bias()
+        return {} if bias is None else {"bias": bias}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the routing bias existed routed without one: zero is their exact state, so
+        # strict loads (DeepSpeed's resume, weights.load_into) accept them.
+        state_dict.setdefault(prefix + "route_bias", torch.zeros_like(self.route_bias))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._bias_active = None
 
     @torch.no_grad()
