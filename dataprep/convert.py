@@ -147,7 +147,7 @@ def _run(cfg: ConvertConfig, items: list, n_shards: int, shards_dir: str, mine: 
     total_rows = sum(len(t[1]) for t in tasks)
     from tqdm import tqdm
 
-    bar = tqdm(total=total_rows, unit="set", desc=f"dataprep rank {cfg.rank}", disable=not cfg.progress)
+    bar = tqdm(total=total_rows, unit="set", desc=f"dataprep rank {cfg.rank}", disable=not cfg.progress or total_rows == 0)
     status, pool = 0, None
     try:
         if cfg.workers <= 1:

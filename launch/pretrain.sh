@@ -37,6 +37,11 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; t
   export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 fi
 launcher=(--master_port "$MASTER_PORT")
+verbose="${SKYSENSE_VERBOSE:-0}"
+for a in "${args[@]}"; do [ "$a" = --verbose ] && verbose=1; done
+# The launcher's own INFO lines (world info, spawn commands) and its "no hostfile" warning are not an operator's
+# business on a normal start; its errors still print, and --verbose (or SKYSENSE_VERBOSE=1) restores everything.
+[ "$verbose" = 1 ] || launcher+=(--log_level error)
 if [ -n "$HOSTFILE" ]; then
   [ -f "$HOSTFILE" ] || { echo "pretrain.sh: hostfile $HOSTFILE not found" >&2; exit 2; }
   launcher+=(--hostfile "$HOSTFILE")

@@ -44,3 +44,22 @@ def init_distributed(timeout_s: float | None = None) -> None:
         if hasattr(c10d, "default_pg_nccl_timeout"):
             c10d.default_pg_nccl_timeout = kwargs["timeout"]
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False, **kwargs)
+
+
+def shutdown_distributed(sync: bool = True) -> None:
+    """End the process group. `sync`: first wait for every rank (all ranks got here the same way).
+
+    Without the barrier a fast rank tears down its gloo pairs while a peer is still in a collective or its own
+    teardown, and that peer can abort at exit ("terminate called without an active exception", seen in CI after a
+    2-rank dry run). A rank leaving on an error of its own passes `sync=False`: its peers may never arrive.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    if sync:
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer already gone: nothing left to wait for
+            pass
+    dist.destroy_process_group()

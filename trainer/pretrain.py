@@ -15,7 +15,7 @@ import warnings
 
 from trainer.checkpoint import ResumeError
 from trainer.config import RECIPES, ConfigError, resolve
-from trainer.distributed import init_distributed
+from trainer.distributed import init_distributed, shutdown_distributed
 from trainer.preempt import STOP
 
 
@@ -85,27 +85,28 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return fail(str(e), 2)
     init_distributed(cfg.train.collective_timeout_s)
-    import torch.distributed as dist
 
     from trainer.train import NonFiniteError, Trainer
 
     try:
         trainer = Trainer(cfg, resume=not args.no_resume)
     except (ConfigError, ResumeError) as e:  # the same on every rank: checked before any rank goes on alone
-        dist.destroy_process_group()
+        shutdown_distributed()
         return fail(str(e), 2)
+    together = False  # every rank leaves the same way: a normal end or a decision taken by all
     try:
         if args.dry_run:
             logging.getLogger("trainer").info("dry run: built %s on %d ranks, no step taken", cfg.recipe,
                                               trainer.world)
         else:
             trainer.fit()
+        together = True
     except NonFiniteError as e:  # a decision all ranks took together
+        together = True
         return fail(str(e), 1)
     finally:
         trainer.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed(sync=together)
     return 0
 
 

@@ -8,6 +8,7 @@ run (C) with in-training k-NN every 4 steps has A's loss sequence exactly.
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,6 +82,16 @@ def test_loss_finite_and_falls(uninterrupted):
     assert all(recs[s]["samples_per_s"] > 0 and recs[s]["tflops"] > 0 for s in recs)
     config = json.loads((uninterrupted / "config.json").read_text())
     assert config["recipe"] == "tiny" and config["world_size"] == 2 and config["git_revision"]
+
+
+def test_console_shows_only_our_lines(uninterrupted):
+    """Issue 12: without --verbose the console holds our logger lines and nothing else (no DeepSpeed INFO lines, no
+    launcher spawn commands, no bare prints from DeepSpeed's MoE group set-up, no FutureWarnings)."""
+    log = (uninterrupted.parent / f"{uninterrupted.name}.log").read_text(errors="replace")
+    ours = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ (trainer|dataprep|kernels)(\.\w+)*: ")
+    foreign = [line for line in log.splitlines() if line.strip() and not ours.match(line)]
+    assert not foreign, "lines not from our loggers:\n" + "\n".join(foreign[:20])
+    assert re.search(rf"trainer: step {STEPS}/{STEPS} loss", log), log[-2000:]
 
 
 def test_checkpoint_holds_every_expert(uninterrupted):

@@ -9,7 +9,9 @@ routing: softmax gate -> argmax -> arrival positions -> gather/scatter by index 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import math
 
 import torch
@@ -190,6 +192,11 @@ class SkyMoE(MoE):
         )
         self.aux_loss_weight = aux_loss_weight
         self.z_loss_weight = z_loss_weight
+
+    def _create_process_groups(self, use_data_before_expert_parallel_: bool = False) -> None:
+        # DeepSpeed's version prints a bare "No existing process group found" line per rank and layer group.
+        with contextlib.redirect_stdout(io.StringIO()):
+            super()._create_process_groups(use_data_before_expert_parallel_=use_data_before_expert_parallel_)
 
     def _tag_experts(self) -> None:
         # DeepSpeed finds expert params by these attributes (`is_moe_param`); new Parameter objects lack them.
