@@ -54,7 +54,11 @@ class SSLMetaArch(nn.Module):
             heads["contrast_head"] = ProjectionHead(dims["backbone"], **proj)
             heads["fusion_contrast_head"] = ProjectionHead(dims["fusion"], **proj)
         self.student = nn.ModuleDict({"backbone": backbone, **heads})
+        for moe in _moe_layers(self.student):  # the student's training calls feed the bias balancer, when on
+            moe.deepspeed_moe.balancing = cfg.model.moe.balance_rate > 0
         self.teacher = copy.deepcopy(self.student)
+        for moe in _moe_layers(self.teacher):
+            moe.deepspeed_moe.balancing = False
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         self.teacher_autocast: torch.dtype | None = None
@@ -191,7 +195,8 @@ class SSLMetaArch(nn.Module):
 
     def health(self) -> dict[str, float]:
         """Learning-health gauges of the last micro-batch plus MoE balance (max / mean expert load, worst layer) over
-        every student MoE call since the last call of this method.
+        every student MoE call since the last call of this method: `moe_max_over_mean` and `moe_load/<layer>` over all
+        ranks summed (a collective: every rank calls this once per step), `moe_max_over_mean_rank` this rank's own.
 
         Also sets `moe_step`: {(network, modality, layer): {"expert_counts", "dropped", "tokens"}} summed over every
         MoE call since the last call (student and teacher apart, every micro-batch), then resets the counts.
@@ -203,6 +208,19 @@ class SSLMetaArch(nn.Module):
         for (network, _, name), (c, _, _) in self._moe_counts.items():
             if network == "student":
                 per_layer[name] = per_layer.get(name, 0) + c.float()
+        if per_layer:
+            loads = {name: float(c.max() / c.mean().clamp_min(1e-9)) for name, c in per_layer.items()}
+            out["moe_max_over_mean_rank"] = max(loads.values())
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # The job's load, all ranks summed (what an expert-parallel expert receives; DeepSeek-V3's MaxVio is
+            # over the global batch too). Every rank holds every MoE layer name, counted or not, so the shapes agree.
+            names = sorted(name for name, m in self.student["backbone"].named_modules() if isinstance(m, SkyMoE))
+            e = self.cfg.model.moe.num_experts
+            device = next(self.student.parameters()).device
+            stacked = torch.stack([per_layer[n].to(device) if n in per_layer else torch.zeros(e, device=device)
+                                   for n in names]) if names else torch.zeros(0, e, device=device)
+            dist.all_reduce(stacked)
+            per_layer = {n: c for n, c in zip(names, stacked, strict=True) if float(c.sum()) > 0}
         if per_layer:
             loads = {name: float(c.max() / c.mean().clamp_min(1e-9)) for name, c in per_layer.items()}
             out["moe_max_over_mean"] = max(loads.values())

@@ -24,15 +24,27 @@ def test_bias_changes_the_choice_not_the_gate_value():
     assert (r.expert != probs.argmax(-1)).any()  # the bias did move some tokens
 
 
-def test_balance_step_is_the_sign_rule_recentred():
+def test_balance_step_is_the_proportional_rule_recentred():
     torch.manual_seed(0)
     moe = SkyMoE(8, 16, num_experts=4, capacity_factor=4.0, min_capacity=0).train()
     layer = moe.deepspeed_moe
     layer._step_counts = torch.tensor([10, 2, 2, 3])
     layer.balance_step(0.1)
-    signs = torch.tensor([-1.0, 1.0, 1.0, 1.0])  # mean 4.25
-    torch.testing.assert_close(layer.route_bias, 0.1 * (signs - signs.mean()))
+    step = torch.tensor([4.25 - 10, 4.25 - 2, 4.25 - 2, 4.25 - 3]) / 4.25  # mean 4.25; already sums to 0
+    torch.testing.assert_close(layer.route_bias, 0.1 * step)
     assert layer._step_counts is None
+    layer._step_counts = torch.tensor([5, 5, 5, 5])  # balanced: the bias stays where it is
+    layer.balance_step(0.1)
+    torch.testing.assert_close(layer.route_bias, 0.1 * step)
+
+
+def test_no_counting_without_balancing():
+    moe = SkyMoE(8, 16, num_experts=4).train()
+    moe(torch.randn(20, 8))
+    assert moe.deepspeed_moe._step_counts is None  # off by default: nothing accumulates
+    moe.deepspeed_moe.balancing = True
+    moe(torch.randn(20, 8))
+    assert int(moe.deepspeed_moe._step_counts.sum()) == 20
 
 
 def test_balancing_spreads_a_collapsed_router():
@@ -45,6 +57,7 @@ def test_balancing_spreads_a_collapsed_router():
 
     def loads(rate, steps=150):
         moe = SkyMoE(8, 16, num_experts=4, capacity_factor=4.0, min_capacity=0).train()
+        moe.deepspeed_moe.balancing = True
         with torch.no_grad():
             moe.deepspeed_moe.gate.wg.weight.copy_(w)
         out = []
@@ -78,8 +91,7 @@ def test_meta_arch_steps_the_bias_and_the_teacher_follows():
     m.step_objectives()
     for s, t, c in zip(student, teacher, counts, strict=True):
         c = c.float()
-        signs = torch.sign(c.mean() - c)
-        torch.testing.assert_close(s.deepspeed_moe.route_bias, 0.05 * (signs - signs.mean()))
+        torch.testing.assert_close(s.deepspeed_moe.route_bias, 0.05 * (c.mean() - c) / c.mean())
         torch.testing.assert_close(t.deepspeed_moe.route_bias, s.deepspeed_moe.route_bias)
         assert t.deepspeed_moe._step_counts is None  # the teacher (eval mode) never counts
     # The step's counts are those of the present modalities only (S1 absent: its stand-in row is not counted).

@@ -55,6 +55,7 @@ class IndexMOELayer(MOELayer):
         self.last_route: dict[str, torch.Tensor | int] = {}
         # Routing bias for the choice of expert (`balance_step`); persistent, so a resumed run routes the same.
         self.register_buffer("route_bias", torch.zeros(gate.wg.weight.shape[0], device=gate.wg.weight.device))
+        self.balancing = False  # count training calls for `balance_step` (the meta-architecture turns it on)
         self.balance_counting = True  # the meta-architecture turns it off for zero stand-in rows
         self._step_counts: torch.Tensor | None = None  # expert counts of training calls since the last step
         self._bias_active: bool | None = None
@@ -122,8 +123,14 @@ class IndexMOELayer(MOELayer):
 
     @torch.no_grad()
     def balance_step(self, rate: float) -> None:
-        """Once per optimizer step, on every rank: bias_e += rate * sign(mean load - load_e) over the step's training
-        calls summed over all ranks (so every rank keeps the same bias), then re-centred (argmax ignores a shift)."""
+        """Once per optimizer step, on every rank: bias_e += rate * (mean load - load_e) / mean load over the step's
+        training calls summed over all ranks (so every rank keeps the same bias), then re-centred (argmax ignores a
+        shift).
+
+        Proportional, not DeepSeek-V3's sign rule: the sign rule moves every bias by the full rate on every step,
+        however small the imbalance, and at rate 0.01 it oscillated in the learning benchmark; here the step shrinks
+        as the load evens out.
+        """
         counts = self._step_counts if self._step_counts is not None else torch.zeros_like(self.route_bias)
         counts = counts.to(self.route_bias.dtype)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -131,14 +138,14 @@ class IndexMOELayer(MOELayer):
         self._step_counts = None
         if float(counts.sum()) == 0:
             return
-        self.route_bias += rate * torch.sign(counts.mean() - counts)
+        self.route_bias += rate * (counts.mean() - counts) / counts.mean()
         self.route_bias -= self.route_bias.mean()
         self._bias_active = None
 
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, ops.Route]:
         """x: (..., D) -> (out (..., D), route). Only detached statistics are kept on the module (deepcopy)."""
         out, route, capacity = self.route_and_run(x.reshape(-1, x.shape[-1]))
-        if self.training and self.balance_counting and not x.is_meta:
+        if self.balancing and self.training and self.balance_counting and not x.is_meta:
             c = route.counts.detach()
             self._step_counts = c if self._step_counts is None else self._step_counts + c
         self.exp_counts = route.counts.detach()
