@@ -135,6 +135,8 @@ class MetricsConfig:
     """Prometheus endpoint: each rank serves on port + local_rank; port 0 turns it off."""
 
     port: int = 9400
+    # Bind address; "" = $SKYSENSE_METRICS_ADDR, else all interfaces when the job spans nodes, else loopback.
+    addr: str = ""
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = look up by device name (unknown on CPU)
 
 
@@ -408,15 +410,29 @@ def use_bf16(cfg: RunConfig, on_cuda: bool) -> bool:
     return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_cuda)
 
 
-def to_ds_config(cfg: RunConfig, world_size: int, on_cuda: bool = False) -> dict:
-    """DeepSpeed's config, derived: train_batch_size = micro x world x accumulation. Never edited afterwards."""
+DS_REDUCE_BUCKET = int(5e8)  # DeepSpeed's default reduce_bucket_size, in elements
+
+
+def reduce_bucket_elements(trained_params: int | None) -> int:
+    """ZeRO-1/2's gradient reduce bucket: DeepSpeed allocates it whole (`contiguous_gradients`, one per gradient
+    dtype) at the first backward, 5e8 elements = 2 GB in fp32 by default, however small the model. Capped at the
+    trained parameters this rank holds: the whole model still goes in one bucket, so the reductions are the same."""
+    return DS_REDUCE_BUCKET if not trained_params else max(1, min(DS_REDUCE_BUCKET, int(trained_params)))
+
+
+def to_ds_config(cfg: RunConfig, world_size: int, on_cuda: bool = False, trained_params: int | None = None) -> dict:
+    """DeepSpeed's config, derived: train_batch_size = micro x world x accumulation. Never edited afterwards.
+
+    `trained_params`: this rank's trainable parameter count, which caps the reduce bucket (`reduce_bucket_elements`).
+    """
     accum = grad_accumulation(cfg, world_size)
     return {
         "train_batch_size": cfg.train.micro_batch * world_size * accum,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "zero_optimization": {"stage": cfg.train.zero_stage,
+                              "reduce_bucket_size": reduce_bucket_elements(trained_params)},
         "bf16": {"enabled": use_bf16(cfg, on_cuda)},
         "fp16": {"enabled": False},
         "steps_per_print": 10**9,  # our own logging and metrics replace DeepSpeed's prints

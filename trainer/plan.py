@@ -17,7 +17,7 @@ import sys
 import torch
 
 from trainer import plan_hw as hw
-from trainer.config import ConfigError, RunConfig, apply_override, resolve, validate
+from trainer.config import ConfigError, RunConfig, apply_override, reduce_bucket_elements, resolve, validate
 from trainer.model.backbone import build_model
 from trainer.model.moe import SkyMoE
 from trainer.plan_trace import trace_pieces
@@ -124,25 +124,30 @@ def count_params(cfg: RunConfig, backbone) -> dict[str, int]:
 # memory
 
 
-def state_memory(p: dict, *, world: int, ep: int, zero: int, bf16: bool, bucket: float = 5e8) -> dict[str, float]:
+def state_memory(p: dict, *, world: int, ep: int, zero: int, bf16: bool) -> dict[str, float]:
     """Bytes per GPU of weights, teacher, gradients and optimizer states under ZeRO-`zero` and expert parallelism.
 
     Experts: 1/ep of them per rank, their optimizer states partitioned over the world/ep expert-data-parallel
     ranks; everything else is replicated and its states partitioned over all ranks. DeepSpeed ZeRO-1/2
-    (runtime/zero/stage_1_and_2.py) keeps an fp32 copy of each rank's partition even when training in fp32.
+    (runtime/zero/stage_1_and_2.py) keeps an fp32 copy of each rank's partition even when training in fp32, and
+    allocates its gradient reduce bucket whole at the first backward (`reduce_bucket_elements`: the trained
+    parameters, at most DeepSpeed's 5e8 elements), in the gradient dtype (fp32 for ZeRO-1 under bf16, whose
+    gradients accumulate in fp32).
     """
     w = 2 if bf16 else 4
     local = p["non_expert"] + p["experts"] / ep
     part = p["non_expert"] / world + p["experts"] / world  # (experts / ep) / (world / ep)
     out = {"weights": w * local, "teacher_fp32": 4 * local}
+    bucket = reduce_bucket_elements(int(local))
     if zero == 0:
         out["grads"] = w * local + (4 * local if bf16 else 0)  # bf16: BF16_Optimizer's fp32 accumulation buffer
         out["optimizer"] = (12 if bf16 else 8) * local
     elif zero == 1:
-        out["grads"] = w * local + 4 * part  # full grads on every rank, the fp32 partition at the step
+        # full grads on every rank (fp32 under bf16), the reduce bucket, the fp32 partition at the step
+        out["grads"] = (4 if bf16 else w) * (local + bucket) + 4 * part
         out["optimizer"] = 12 * part  # fp32 master + Adam m, v
     else:
-        out["grads"] = w * part + w * min(bucket, local) + 4 * part  # partitions, the reduce bucket, fp32 at step
+        out["grads"] = w * part + w * bucket + 4 * part  # partitions, the reduce bucket, fp32 at step
         out["optimizer"] = 12 * part
     return out
 
@@ -444,11 +449,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     ap.add_argument("--no-cache", action="store_true", help="trace again instead of using the trace cache")
     ap.add_argument("--validate", action="store_true", help="predicted vs measured on CPU (trainer.plan_validate)")
-    args, rest = ap.parse_known_args(argv)
-    if args.validate:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--validate" in argv:  # its own flags (its --json takes a file): handed over unparsed
         from trainer import plan_validate
 
-        return plan_validate.main(rest)
+        return plan_validate.main([a for a in argv if a != "--validate"])
+    args, rest = ap.parse_known_args(argv)
     if rest:
         ap.error(f"unrecognised arguments: {' '.join(rest)}")
     try:

@@ -123,8 +123,9 @@ class Trainer:
         seed_everything(cfg.train.seed)  # same init on every rank; DeepSpeed also broadcasts rank 0's weights
         model = SSLMetaArch(cfg, device=self.device)
         optimizer = torch.optim.AdamW(param_groups(model), lr=cfg.optim.lr, betas=cfg.optim.betas)
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                               config=to_ds_config(cfg, self.world, on_cuda),
+                                               config=to_ds_config(cfg, self.world, on_cuda, trained_params=trained),
                                                dist_init_required=False)
         self.model: SSLMetaArch = self.engine.module
         self._check_expert_ranks()
@@ -158,7 +159,8 @@ class Trainer:
         self.loader = self._open_data(on_cuda)
         port = cfg.metrics.port + self.local_rank if cfg.metrics.port > 0 else 0
         self.metrics = Metrics(rank=self.rank, port=port, run_dir=self.run_dir if self.rank == 0 else None,
-                               peak=peak_tflops(cfg.metrics.peak_tflops), run=self.run_dir.name)
+                               peak=peak_tflops(cfg.metrics.peak_tflops), run=self.run_dir.name,
+                               addr=cfg.metrics.addr or None)
         self.flops: dict[tuple[str, str, str], float] = {}  # per (network, view, pass), counted on the first step
         self.history: list[dict] = []
         self.evaluator = InTrainingEval(cfg.eval, self.device) if cfg.eval.every > 0 else None

@@ -101,3 +101,12 @@ def test_ds_config_precision_and_indivisible_world():
     assert to_ds_config(cfg, 2, on_cuda=True)["bf16"]["enabled"] is False
     with pytest.raises(ConfigError, match="not divisible by micro_batch x world"):
         grad_accumulation(cfg, 3)
+
+
+def test_reduce_bucket_is_capped_at_the_trained_parameters():
+    """DeepSpeed allocates the whole ZeRO reduce bucket at the first backward (5e8 elements = 2 GB fp32 by default):
+    capped at the model's trained parameters, which still fit one bucket, so the reductions stay the same."""
+    cfg = resolve("tiny")
+    assert to_ds_config(cfg, 2)["zero_optimization"]["reduce_bucket_size"] == 500_000_000  # DeepSpeed's default
+    assert to_ds_config(cfg, 2, trained_params=1234)["zero_optimization"]["reduce_bucket_size"] == 1234
+    assert to_ds_config(cfg, 2, trained_params=10**10)["zero_optimization"]["reduce_bucket_size"] == 500_000_000

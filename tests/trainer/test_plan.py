@@ -1,6 +1,5 @@
 """The capacity planner against independent measurements: FlopCounter traces of real steps, a measured peak."""
 
-import pytest
 import torch
 
 from trainer import plan as planner
@@ -70,8 +69,6 @@ def test_step_flops_match_a_flop_counter_trace_of_a_real_step():
     assert abs(predicted / measured - 1) < 0.02, (predicted, measured)
 
 
-@pytest.mark.xfail(reason="known gap (issue 13): the planner predicts 0.19 GB of peak live tensors for a tiny step "
-                          "where 2.17 GB were measured; its memory model is not validated yet", strict=False)
 def test_tiny_peak_memory_matches_a_measured_step(skeleton_dataset, tmp_path):
     """Predicted peak tensor memory of a tiny ZeRO-2 fp32 step vs the same step measured (spawned rank)."""
     from dataprep.reader import DatasetReader
