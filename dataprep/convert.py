@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import index
+from . import shard as shard_mod
 from .errors import Reject
 from .manifest import plan, sha256_file
 from .schema import HR_BANDS, REGION_DEG, S1_BANDS, S2_BANDS, SCHEMA_VERSION, n_regions
@@ -66,7 +67,7 @@ class _Metrics:
         self.registry = CollectorRegistry()  # own registry: several runs in one process must not collide
         kw = {"registry": self.registry}
         self.sets = Counter("dataprep_sets", "image sets converted", **kw)
-        self.rows = Counter("dataprep_rows", "manifest rows processed (converted or rejected)", **kw)
+        self.rows = Counter("dataprep_rows", "manifest rows processed (converted or rejected), counted per set", **kw)
         self.bytes_in = Counter("dataprep_bytes_in", "bytes of source files read", **kw)
         self.bytes_out = Counter("dataprep_bytes_out", "bytes of shard stores written", **kw)
         self.rejects = Counter("dataprep_rejects", "rejected manifest rows", ["kind"], **kw)
@@ -77,11 +78,14 @@ class _Metrics:
         if self.on:
             self.server.shutdown()
 
+    def row_done(self, n: int = 1) -> None:
+        if self.on:
+            self.rows.inc(n)
+
     def update(self, s: dict) -> None:
         if not self.on:
             return
         self.sets.inc(s["sets"])
-        self.rows.inc(s["rows"])
         self.bytes_in.inc(s["bytes_in"])
         self.bytes_out.inc(s["bytes_out"])
         self.shards.inc()
@@ -92,6 +96,16 @@ class _Metrics:
 def _work(args):
     k, items, cfg, shards_dir, strict = args
     return write_shard(k, items, cfg, shards_dir, strict)
+
+
+def _count_rows_into(counter) -> None:
+    """Pool initializer: every row a worker finishes adds 1 to the shared counter the parent polls."""
+
+    def done() -> None:
+        with counter.get_lock():
+            counter.value += 1
+
+    shard_mod.ON_ROW = done
 
 
 def _clean_tmp(shards_dir: str, mine: set[int]) -> None:
@@ -147,29 +161,52 @@ def _run(cfg: ConvertConfig, items: list, n_shards: int, shards_dir: str, mine: 
     total_rows = sum(len(t[1]) for t in tasks)
     from tqdm import tqdm
 
-    bar = tqdm(total=total_rows, unit="set", desc=f"dataprep rank {cfg.rank}", disable=not cfg.progress or total_rows == 0)
-    status, pool = 0, None
+    bar = tqdm(total=total_rows, unit="set", desc=f"dataprep rank {cfg.rank}",
+               disable=not cfg.progress or total_rows == 0)
+    status, pool, rejected = 0, None, 0
+
+    def advance(n: int) -> None:  # per set: the bar and the rows counter
+        bar.update(n)
+        metrics.row_done(n)
+
     try:
         if cfg.workers <= 1:
-            results = map(_work, tasks)
+            shard_mod.ON_ROW = lambda: advance(1)
+            for s in map(_work, tasks):
+                metrics.update(s)
+                rejected += sum(s["rejects"].values())
+                bar.set_postfix(rejected=rejected)
         else:
             # fork is cheap and safe here: zarr resets its event loop in forked children (register_at_fork)
-            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            pool = mp.get_context(method).Pool(cfg.workers)
-            results = pool.imap_unordered(_work, tasks)
-        for s in results:
-            metrics.update(s)
-            bar.update(s["rows"])
-            bar.set_postfix(rejected=sum(s["rejects"].values()))
-        if pool is not None:
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            counter, seen = ctx.Value("q", 0), 0
+            pool = ctx.Pool(cfg.workers, initializer=_count_rows_into, initargs=(counter,))
+            results, left = pool.imap_unordered(_work, tasks), len(tasks)
+            while left:
+                try:
+                    s = results.next(timeout=0.5)
+                except mp.TimeoutError:
+                    s = None
+                now = counter.value
+                if now > seen:
+                    advance(now - seen)
+                    seen = now
+                if s is not None:
+                    left -= 1
+                    metrics.update(s)
+                    rejected += sum(s["rejects"].values())
+                    bar.set_postfix(rejected=rejected)
             pool.close()
             pool.join()
+            if counter.value > seen:
+                advance(counter.value - seen)
     except StrictStop as e:
         print(f"dataprep: --strict: {e}", file=sys.stderr)
         if pool is not None:
             pool.terminate()
         return 2
     finally:
+        shard_mod.ON_ROW = None
         bar.close()
     if cfg.rank == 0:
         deadline = time.monotonic() + cfg.merge_timeout_s

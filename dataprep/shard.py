@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import google_crc32c
@@ -210,6 +211,11 @@ def _tiles(img: np.ndarray, c: int) -> list[np.ndarray]:
     return out
 
 
+# Called once per manifest row written or rejected (dataprep convert's per-set progress bar and counter); set in
+# each pool worker by `dataprep.convert`.
+ON_ROW: Callable[[], None] | None = None
+
+
 def write_shard(k: int, items: list, cfg: ShardConfig, shards_dir: str, strict: bool = False) -> dict:
     """Convert the manifest rows `items` (SetSpec or row-level Reject, in manifest order) into shard k.
 
@@ -237,6 +243,8 @@ def write_shard(k: int, items: list, cfg: ShardConfig, shards_dir: str, strict: 
 
     rows, errors, stats, bytes_in = [], [], _Stats(), 0
     for item in items:
+        if ON_ROW is not None and item is not items[0]:  # the previous row is done
+            ON_ROW()
         try:
             if isinstance(item, Reject):
                 raise item
@@ -274,6 +282,8 @@ def write_shard(k: int, items: list, cfg: ShardConfig, shards_dir: str, strict: 
             "hr_crc32c": crc(data["hr"]) if data["hr"] is not None else 0,
             "s2_crc32c": crc(data["s2"]), "s1_crc32c": crc(data["s1"]),
         })  # fmt: skip
+    if ON_ROW is not None and items:
+        ON_ROW()
     n = len(rows)
     for m in ("s2", "s1"):
         flush(m, True)

@@ -193,3 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -19,6 +19,8 @@ def test_metrics_counters_served():
     m = _Metrics(port)
     try:
         m.update({"sets": 7, "rows": 9, "bytes_in": 1000, "bytes_out": 600, "rejects": {"missing_file": 2}})
+        for n in (4, 1, 4):  # rows are counted as sets finish (row_done), not from the shard's summary
+            m.row_done(n)
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     finally:
         m.close()
@@ -61,3 +63,33 @@ def test_bench_small():
         assert res["read_amplification"][m] <= 1.2, res["read_amplification"]
         assert res["compression_ratio"][m] > 1.0
     assert res["convert_1w"]["sets_per_s"] > 0 and res["codec_only"]["sets_per_s"] > 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_progress_and_rows_counter_advance_per_set(raw, tmp_path, monkeypatch, workers):
+    """Issue 11: the bar and `dataprep_rows_total` move per set, not per shard (12 rows in shards of 6); with pool
+    workers the parent polls a shared count, so several sets may arrive in one update, but every row is counted once."""
+    from dataprep import convert as convert_mod
+    from tests.dataprep.dp_helpers import convert_inproc
+
+    calls = []
+    monkeypatch.setattr(convert_mod._Metrics, "row_done", lambda self, n=1: calls.append(n))
+    assert convert_inproc(raw / "manifest.jsonl", tmp_path / "out", shard_size=6, workers=workers) in (0, 1)
+    rows = len((raw / "manifest.jsonl").read_text().splitlines())
+    assert sum(calls) == rows == 12
+    if workers == 1:
+        assert calls == [1] * rows  # one update per set
+
+
+def test_write_shard_reports_every_row(raw, tmp_path, monkeypatch):
+    from dataprep import shard
+    from dataprep.manifest import plan
+    from tests.dataprep.dp_helpers import HR, S2
+
+    items = plan(str(raw / "manifest.jsonl"), str(raw))[:5]
+    seen = []
+    monkeypatch.setattr(shard, "ON_ROW", lambda: seen.append(1))
+    cfg = shard.ShardConfig(hr_size=HR, s2_size=S2, shard_size=5, frames_per_chunk_shard=8)
+    (tmp_path / "shards").mkdir()
+    summary = shard.write_shard(0, items, cfg, str(tmp_path / "shards"))
+    assert len(seen) == summary["rows"] == len(items) == 5

@@ -5,8 +5,17 @@ model = build_model(tiny_model(), device="cpu")
 out = model.forward_features(x, "hr")  # {"stages": [...], "pooled": ..., "aux_loss": ...}
 """
 
-from trainer.model.backbone import SkySenseV2, build_model
-from trainer.model.config import (
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Before anything imports DeepSpeed: its accelerator probe otherwise prints a warning on stdout (which broke
+    # `python -m trainer.plan --json | jq`); CPU is what it would pick anyway.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from trainer.model.backbone import SkySenseV2, build_model  # noqa: E402
+from trainer.model.config import (  # noqa: E402
     IN_CHANS,
     MODALITIES,
     FusionConfig,
@@ -16,7 +25,7 @@ from trainer.model.config import (
     huge_model,
     tiny_model,
 )
-from trainer.model.moe import SkyMoE
+from trainer.model.moe import SkyMoE  # noqa: E402
 
 __all__ = [
     "IN_CHANS",
