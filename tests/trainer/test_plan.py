@@ -88,3 +88,22 @@ def test_bad_input_fails_with_one_line(capsys):
     assert planner.main(["--recipe", "tiny", "--gpu-kind", "tpu", "--gpus", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+
+
+def test_json_output_is_pure_json(tmp_path):
+    """`python -m trainer.plan --json | jq` works: nothing else reaches stdout (DeepSpeed's accelerator probe once
+    printed a warning there on machines without CUDA)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env["SKYSENSE_PLAN_CACHE"] = str(tmp_path)  # a fresh trace cache
+    r = subprocess.run([sys.executable, "-m", "trainer.plan", "--recipe", "tiny", "--gpus", "2", "--json"], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    plan = json.loads(r.stdout)
+    assert plan["recipe"] == "tiny" and plan["gpus"] == 2 and {"mfu", "gpu_hours", "fits"} <= plan.keys()
