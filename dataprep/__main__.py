@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="read every chunk and cross-check the index against the stores")
     v.add_argument("dir")
+    v.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes checking shards")
+    v.add_argument("--rank", type=int, default=_env_int("RANK", 0))
+    v.add_argument("--world-size", type=int, default=_env_int("WORLD_SIZE", 1))
+    v.add_argument("--no-progress", action="store_true")
     i = sub.add_parser("inspect", help="counts, sizes, compression, statistics, dates, rejects")
     i.add_argument("dir")
     i.add_argument("--json", action="store_true")
@@ -85,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "verify":
         from .verify import verify
 
-        return verify(args.dir)
+        return verify(args.dir, workers=args.workers, rank=args.rank, world_size=args.world_size,
+                      progress=not args.no_progress and sys.stderr.isatty())
     if args.cmd == "inspect":
         from .inspect_ import inspect_dataset
 

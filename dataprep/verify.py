@@ -36,10 +36,67 @@ def _read(arr, lo: int, hi: int, where: str, problems: list[str]):
         return None
 
 
-def verify(root: str, out=sys.stdout) -> int:
-    """Returns 0 when the dataset is intact, 1 when any problem was found (each printed)."""
-    import pyarrow.parquet as pq
+def _verify_shard(args: tuple[str, int, list[dict]]) -> tuple[list[str], int]:
+    """One shard's checks: its row list against the index, offsets and dates, every chunk read (crc32c), every
+    set's checksums. Returns (problems, sets checked)."""
     import zarr
+
+    root, k, rows = args
+    problems: list[str] = []
+    n_checked = 0
+    path = os.path.join(root, "shards", shard_name(k))
+    meta = read_shard_meta(path)
+    if meta is None:
+        problems.append(f"{shard_name(k)}: missing or has no dataprep metadata")
+        return problems, n_checked
+    if [r["id"] for r in rows] != [r["id"] for r in meta["rows"]]:
+        problems.append(f"{shard_name(k)}: index rows differ from the shard's own row list")
+    try:
+        g = zarr.open_group(path, mode="r", zarr_format=3)
+        arrs = {n: g[n] for n in ("hr", "s2", "s1", "s2_offsets", "s1_offsets", "s2_dates", "s1_dates")}
+    except Exception as e:  # noqa: BLE001
+        problems.append(f"{shard_name(k)}: cannot open arrays: {type(e).__name__}: {e}")
+        return problems, n_checked
+    if arrs["hr"].shape[0] != len(rows):
+        problems.append(f"{shard_name(k)}/hr: {arrs['hr'].shape[0]} images for {len(rows)} index rows")
+    for m in ("s2", "s1"):
+        offs = _read(arrs[f"{m}_offsets"], 0, len(rows) + 1, f"{shard_name(k)}/{m}_offsets", problems)
+        dates = _read(arrs[f"{m}_dates"], 0, arrs[f"{m}_dates"].shape[0], f"{shard_name(k)}/{m}_dates", problems)
+        want = np.concatenate([[0], np.cumsum([r[f"n_{m}"] for r in rows])]).astype(np.int64)
+        if offs is not None and not np.array_equal(offs, want):
+            problems.append(f"{shard_name(k)}/{m}_offsets disagree with index n_{m}")
+        want_d = np.array([d for r in rows for d in r[f"{m}_dates"]], np.int32)
+        if dates is not None and not np.array_equal(dates, want_d):
+            problems.append(f"{shard_name(k)}/{m}_dates disagree with index {m}_dates")
+        if arrs[m].shape[0] != want[-1]:
+            problems.append(f"{shard_name(k)}/{m}: {arrs[m].shape[0]} frames, index says {want[-1]}")
+    if "osm" in g:
+        _read(g["osm"], 0, g["osm"].shape[0], f"{shard_name(k)}/osm", problems)
+    for r in rows:
+        where = f"{shard_name(k)} row {r['row']} (id {r['id']})"
+        a = _read(arrs["hr"], r["row"], r["row"] + 1, f"{shard_name(k)}/hr", problems)
+        if a is not None:
+            if r["has_hr"] and crc(a[0]) != r["hr_crc32c"]:
+                problems.append(f"{where}: hr checksum mismatch with index")
+            if not r["has_hr"] and a.any():
+                problems.append(f"{where}: has_hr is false but the hr image is not zero")
+        for m in ("s2", "s1"):
+            lo = r[f"{m}_start"]
+            a = _read(arrs[m], lo, lo + r[f"n_{m}"], f"{shard_name(k)}/{m}", problems)
+            if a is not None and crc(a) != r[f"{m}_crc32c"]:
+                problems.append(f"{where}: {m} checksum mismatch with index")
+        n_checked += 1
+    return problems, n_checked
+
+
+def verify(root: str, out=sys.stdout, *, workers: int = 1, rank: int = 0, world_size: int = 1,
+           progress: bool = False) -> int:
+    """Returns 0 when the dataset is intact, 1 when any problem was found (each printed).
+
+    `workers` processes check shards in parallel; with `world_size` > 1 this rank checks shards k with
+    k % world_size == rank (as convert writes them) and rank 0 also the dataset-wide files.
+    """
+    import pyarrow.parquet as pq
 
     problems: list[str] = []
     try:
@@ -64,55 +121,41 @@ def verify(root: str, out=sys.stdout) -> int:
     by_shard: dict[int, list[dict]] = {}
     for r in idx:
         by_shard.setdefault(r["shard"], []).append(r)
+    if rank != 0:  # the dataset-wide checks are rank 0's; every rank checks its own shards
+        problems = []
+    mine = [k for k in range(info["shards"]) if k % world_size == rank]
+    tasks = [(root, k, sorted(by_shard.get(k, []), key=lambda r: r["row"])) for k in mine]
     n_checked = 0
-    for k in range(info["shards"]):
-        path = os.path.join(root, "shards", shard_name(k))
-        meta = read_shard_meta(path)
-        if meta is None:
-            problems.append(f"{shard_name(k)}: missing or has no dataprep metadata")
-            continue
-        rows = sorted(by_shard.get(k, []), key=lambda r: r["row"])
-        if [r["id"] for r in rows] != [r["id"] for r in meta["rows"]]:
-            problems.append(f"{shard_name(k)}: index rows differ from the shard's own row list")
-        try:
-            g = zarr.open_group(path, mode="r", zarr_format=3)
-            arrs = {n: g[n] for n in ("hr", "s2", "s1", "s2_offsets", "s1_offsets", "s2_dates", "s1_dates")}
-        except Exception as e:  # noqa: BLE001
-            problems.append(f"{shard_name(k)}: cannot open arrays: {type(e).__name__}: {e}")
-            continue
-        if arrs["hr"].shape[0] != len(rows):
-            problems.append(f"{shard_name(k)}/hr: {arrs['hr'].shape[0]} images for {len(rows)} index rows")
-        for m in ("s2", "s1"):
-            offs = _read(arrs[f"{m}_offsets"], 0, len(rows) + 1, f"{shard_name(k)}/{m}_offsets", problems)
-            dates = _read(arrs[f"{m}_dates"], 0, arrs[f"{m}_dates"].shape[0], f"{shard_name(k)}/{m}_dates", problems)
-            want = np.concatenate([[0], np.cumsum([r[f"n_{m}"] for r in rows])]).astype(np.int64)
-            if offs is not None and not np.array_equal(offs, want):
-                problems.append(f"{shard_name(k)}/{m}_offsets disagree with index n_{m}")
-            want_d = np.array([d for r in rows for d in r[f"{m}_dates"]], np.int32)
-            if dates is not None and not np.array_equal(dates, want_d):
-                problems.append(f"{shard_name(k)}/{m}_dates disagree with index {m}_dates")
-            if arrs[m].shape[0] != want[-1]:
-                problems.append(f"{shard_name(k)}/{m}: {arrs[m].shape[0]} frames, index says {want[-1]}")
-        if "osm" in g:
-            _read(g["osm"], 0, g["osm"].shape[0], f"{shard_name(k)}/osm", problems)
-        for r in rows:
-            where = f"{shard_name(k)} row {r['row']} (id {r['id']})"
-            a = _read(arrs["hr"], r["row"], r["row"] + 1, f"{shard_name(k)}/hr", problems)
-            if a is not None:
-                if r["has_hr"] and crc(a[0]) != r["hr_crc32c"]:
-                    problems.append(f"{where}: hr checksum mismatch with index")
-                if not r["has_hr"] and a.any():
-                    problems.append(f"{where}: has_hr is false but the hr image is not zero")
-            for m in ("s2", "s1"):
-                lo = r[f"{m}_start"]
-                a = _read(arrs[m], lo, lo + r[f"n_{m}"], f"{shard_name(k)}/{m}", problems)
-                if a is not None and crc(a) != r[f"{m}_crc32c"]:
-                    problems.append(f"{where}: {m} checksum mismatch with index")
-            n_checked += 1
-    extra = sorted(n for n in os.listdir(os.path.join(root, "shards")) if n.endswith(".zarr")
-                   and not n.startswith(".") and int(n[6:11]) >= info["shards"])  # fmt: skip
-    problems.extend(f"{n}: shard store beyond dataset.json's {info['shards']} shards" for n in extra)
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(len(t[2]) for t in tasks), unit="set", desc="verify", disable=not progress,
+               file=sys.stderr)
+    pool = None
+    try:
+        if workers > 1 and len(tasks) > 1:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            pool = ctx.Pool(min(workers, len(tasks)))
+            results = pool.imap(_verify_shard, tasks)  # in shard order: the report reads the same either way
+        else:
+            results = map(_verify_shard, tasks)
+        for (found, n), task in zip(results, tasks, strict=True):
+            problems.extend(found)
+            n_checked += n
+            bar.update(len(task[2]))
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    if rank == 0:
+        extra = sorted(n for n in os.listdir(os.path.join(root, "shards")) if n.endswith(".zarr")
+                       and not n.startswith(".") and int(n[6:11]) >= info["shards"])  # fmt: skip
+        problems.extend(f"{n}: shard store beyond dataset.json's {info['shards']} shards" for n in extra)
     for p in problems:
         print(f"FAIL {p}", file=out)
-    print(f"verify {root}: {n_checked} sets in {info['shards']} shards checked, {len(problems)} problem(s)", file=out)
+    part = f" (rank {rank} of {world_size})" if world_size > 1 else ""
+    print(f"verify {root}{part}: {n_checked} sets in {len(mine)} shards checked, {len(problems)} problem(s)",
+          file=out)
     return 1 if problems else 0

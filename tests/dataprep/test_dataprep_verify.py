@@ -41,6 +41,29 @@ def test_verify_reports_corrupt_chunk(dataset, tmp_path):
     assert "shard-00002.zarr/hr: corrupt chunk 1/0/0/0" in buf.getvalue(), buf.getvalue()
 
 
+def test_verify_in_parallel_and_split_over_ranks_finds_the_same(dataset, tmp_path):
+    """Issue 11: `verify --workers N` and `--rank r --world-size w` report exactly what the serial check reports."""
+    d = tmp_path / "d"
+    shutil.copytree(dataset, d)
+    _flip(d / "shards" / "shard-00001.zarr" / "s2" / "c.0.0.0.0", 0.05)
+    _flip(d / "shards" / "shard-00002.zarr" / "hr" / "c.1.0.0.0", 0.5)
+
+    def fails(**kw) -> tuple[int, list[str], int]:
+        buf = io.StringIO()
+        rc = verify(str(d), out=buf, **kw)
+        lines = buf.getvalue().splitlines()
+        checked = int(lines[-1].split(": ")[1].split()[0])
+        return rc, [x for x in lines if x.startswith("FAIL")], checked
+
+    rc, serial, n = fails()
+    assert rc == 1 and len(serial) == 2 and n == len(pq.read_table(d / "index.parquet"))
+    assert fails(workers=3) == (rc, serial, n)  # same lines, same order
+    parts = [fails(workers=2, rank=r, world_size=2) for r in (0, 1)]
+    assert all(p[0] == 1 for p in parts)  # shard 1 is rank 1's, shard 2 rank 0's: both ranks find one
+    assert sorted(parts[0][1] + parts[1][1]) == sorted(serial)
+    assert parts[0][2] + parts[1][2] == n
+
+
 def test_verify_cross_checks_index(dataset, tmp_path):
     d = tmp_path / "d"
     shutil.copytree(dataset, d)
