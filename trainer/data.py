@@ -48,7 +48,10 @@ class StreamOrder:
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 - two epochs live at an epoch boundary; the object lives all run
     def _perm(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        # Kept as int32 when the indices fit (84 MB instead of 168 MB per epoch at 21M sets, per loader worker);
+        # the same permutation either way.
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return perm.astype(np.int32) if self.n < 2**31 else perm
 
     def index(self, position: int) -> int:
         return int(self._perm(position // self.n)[position % self.n])

@@ -60,3 +60,15 @@ def test_cosine_schedule_endpoints():
     assert np.all(np.diff(s[:6]) > 0) and np.all(np.diff(s[5:]) <= 1e-12)
     # Half-cosine midpoint: (start + end) / 2 halfway through the decay (indices 5..19 -> midpoint 12).
     assert s[12] == pytest.approx(0.55)
+
+
+def test_stream_order_is_numpy_s_seeded_permutation_held_compactly():
+    """The order is exactly `default_rng([seed, epoch]).permutation(n)` (so runs and resumes written before the int32
+    storage read the same samples), held as int32."""
+    import numpy as np
+
+    order = StreamOrder(1000, seed=7)
+    for epoch in (0, 1):
+        want = np.random.default_rng([7, epoch]).permutation(1000)
+        assert [order.index(epoch * 1000 + p) for p in range(1000)] == want.tolist()
+    assert order._perm(0).dtype == np.int32
