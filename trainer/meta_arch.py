@@ -211,14 +211,14 @@ class SSLMetaArch(nn.Module):
         if per_layer:
             loads = {name: float(c.max() / c.mean().clamp_min(1e-9)) for name, c in per_layer.items()}
             out["moe_max_over_mean_rank"] = max(loads.values())
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        names = sorted(name for name, m in self.student["backbone"].named_modules() if isinstance(m, SkyMoE))
+        if names and dist.is_initialized() and dist.get_world_size() > 1:
             # The job's load, all ranks summed (what an expert-parallel expert receives; DeepSeek-V3's MaxVio is
             # over the global batch too). Every rank holds every MoE layer name, counted or not, so the shapes agree.
-            names = sorted(name for name, m in self.student["backbone"].named_modules() if isinstance(m, SkyMoE))
             e = self.cfg.model.moe.num_experts
             device = next(self.student.parameters()).device
             stacked = torch.stack([per_layer[n].to(device) if n in per_layer else torch.zeros(e, device=device)
-                                   for n in names]) if names else torch.zeros(0, e, device=device)
+                                   for n in names])
             dist.all_reduce(stacked)
             per_layer = {n: c for n, c in zip(names, stacked, strict=True) if float(c.sum()) > 0}
         if per_layer:
