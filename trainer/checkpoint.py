@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from trainer import reshard
+
 TMP_PREFIX = "tmp-"
 # Settings that shape the per-step schedules (trainer/schedules.py): resuming with other values changes the run.
 SCHEDULE_KEYS = {"train": ("max_steps",), "optim": ("lr", "min_lr", "warmup_steps", "weight_decay", "weight_decay_end",
@@ -233,12 +235,8 @@ def load(engine, ckpt_dir: Path, *, rank: int, world_size: int, tag: str | None 
     if current is not None:
         check_resume(saved, current, allow_data_change=allow_data_change,
                      allow_schedule_change=allow_schedule_change, where=where)
-    saved_world = saved.get("world_size", world_size)
-    if saved_world != world_size:
-        raise ResumeError(
-            f"checkpoint {where} was written by {saved_world} ranks and this run has {world_size}: ZeRO optimizer "
-            f"state is partitioned per rank, so resume on {saved_world} ranks (moving a run to another world size "
-            f"needs a universal checkpoint, not supported yet), or start a new run directory")
+    if reshard.needed(engine, where, world_size):  # another world size or ep_size: through a universal checkpoint
+        return reshard.load(engine, ckpt_dir, tag, rank=rank, world_size=world_size)
     missing = missing_files(where, world_size)
     if missing:
         raise ResumeError(f"checkpoint {where} cannot be loaded: missing {', '.join(missing)}")
