@@ -216,6 +216,14 @@ def _tiles(img: np.ndarray, c: int) -> list[np.ndarray]:
 ON_ROW: Callable[[], None] | None = None
 
 
+def _reported(items: list):
+    """`items`, calling ON_ROW each time the loop body has finished with one (written, rejected or skipped)."""
+    for item in items:
+        yield item
+        if ON_ROW is not None:
+            ON_ROW()
+
+
 def write_shard(k: int, items: list, cfg: ShardConfig, shards_dir: str, strict: bool = False) -> dict:
     """Convert the manifest rows `items` (SetSpec or row-level Reject, in manifest order) into shard k.
 
@@ -242,9 +250,7 @@ def write_shard(k: int, items: list, cfg: ShardConfig, shards_dir: str, strict: 
         buf[m] = [np.stack(frames[n_full:])] if n_full < len(frames) else []
 
     rows, errors, stats, bytes_in = [], [], _Stats(), 0
-    for item in items:
-        if ON_ROW is not None and item is not items[0]:  # the previous row is done
-            ON_ROW()
+    for item in _reported(items):
         try:
             if isinstance(item, Reject):
                 raise item
@@ -282,8 +288,6 @@ def write_shard(k: int, items: list, cfg: ShardConfig, shards_dir: str, strict: 
             "hr_crc32c": crc(data["hr"]) if data["hr"] is not None else 0,
             "s2_crc32c": crc(data["s2"]), "s1_crc32c": crc(data["s1"]),
         })  # fmt: skip
-    if ON_ROW is not None and items:
-        ON_ROW()
     n = len(rows)
     for m in ("s2", "s1"):
         flush(m, True)

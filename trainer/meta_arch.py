@@ -54,6 +54,8 @@ class SSLMetaArch(nn.Module):
             heads["contrast_head"] = ProjectionHead(dims["backbone"], **proj)
             heads["fusion_contrast_head"] = ProjectionHead(dims["fusion"], **proj)
         self.student = nn.ModuleDict({"backbone": backbone, **heads})
+        # The student backbone's MoE layer names, the same on every rank (health()'s all-ranks balance gauge).
+        self._moe_names = sorted(n for n, m in backbone.named_modules() if isinstance(m, SkyMoE))
         for moe in _moe_layers(self.student):  # the student's training calls feed the bias balancer, when on
             moe.deepspeed_moe.balancing = cfg.model.moe.balance_rate > 0
         self.teacher = copy.deepcopy(self.student)
@@ -211,7 +213,7 @@ class SSLMetaArch(nn.Module):
         if per_layer:
             loads = {name: float(c.max() / c.mean().clamp_min(1e-9)) for name, c in per_layer.items()}
             out["moe_max_over_mean_rank"] = max(loads.values())
-        names = sorted(name for name, m in self.student["backbone"].named_modules() if isinstance(m, SkyMoE))
+        names = self._moe_names
         if names and dist.is_initialized() and dist.get_world_size() > 1:
             # The job's load, all ranks summed (what an expert-parallel expert receives; DeepSeek-V3's MaxVio is
             # over the global batch too). Every rank holds every MoE layer name, counted or not, so the shapes agree.
