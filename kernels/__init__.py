@@ -5,8 +5,12 @@ reference (same signature, same semantics). One override, the programmatic switc
 trainer config) taking precedence over the environment variable `SKYSENSE_KERNELS`:
 
 - ``auto`` (default): Triton for CUDA tensors (compute capability >= 8.0), reference elsewhere (CPU, meta, Triton
-  missing, or a shape the kernel does not take: window > 8, head dim > 64, APM C > 4096);
-- ``triton``: always Triton; CPU tensors then need ``TRITON_INTERPRET=1`` set before the kernel modules load;
+  missing, or a shape the kernel does not take: window > 8, head dim > 64, APM C > 4096). Before its first Triton
+  call on a (device, dtype), ``auto`` smoke-launches every kernel there (`kernels/smoke.py`, forward and backward
+  against the reference); if one fails (e.g. "device kernel image is invalid" on a driver older than Triton's
+  ptxas) the whole process falls back to the PyTorch path, with one `KernelFallbackWarning`;
+- ``triton``: always Triton, no smoke launch (a failing kernel raises); CPU tensors then need
+  ``TRITON_INTERPRET=1`` set before the kernel modules load;
 - ``reference``: always the reference.
 
 Importing `kernels` never imports Triton: the kernel modules load on the first Triton call.
@@ -21,6 +25,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -37,6 +42,13 @@ from kernels.window_attention import reference as _wa_ref
 BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "SKYSENSE_KERNELS"
 _backend: str | None = None  # set_backend(); None defers to the environment
+# Smoke launches of `auto`: (device, dtype) -> {op: None if it passed, else why}; one failure disables Triton.
+_smoke: dict[tuple[str, torch.dtype], dict[str, str | None]] = {}
+_fallback: str | None = None  # why `auto` stopped using Triton in this process (None: it did not)
+
+
+class KernelFallbackWarning(RuntimeWarning):
+    """`auto` found a Triton kernel that does not work on this machine and uses the PyTorch path instead."""
 
 
 def set_backend(name: str | None) -> None:
@@ -69,13 +81,57 @@ def _cuda_ok(t: torch.Tensor) -> bool:
     return torch.cuda.get_device_capability(t.device) >= (8, 0)
 
 
+def check_kernels(device: torch.device | str, dtype: torch.dtype) -> dict[str, str | None]:
+    """Smoke-launch every kernel on `device` in `dtype` (tiny shapes, fwd + bwd vs reference), cached per pair.
+
+    Returns {op: None if it works, else the reason}. Used by `auto` before its first Triton call; callable directly
+    (launch/gpu-check.sh reports it). Needs CUDA, or CPU with TRITON_INTERPRET=1.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (str(device), dtype)
+    if key not in _smoke:
+        from kernels import smoke
+
+        _smoke[key] = smoke.run(device, dtype)
+    return _smoke[key]
+
+
+def fallback_reason() -> str | None:
+    """Why `auto` is using the PyTorch path although Triton could run here, or None."""
+    return _fallback
+
+
+def _smoke_ok(t: torch.Tensor) -> bool:
+    global _fallback
+    if _fallback is not None:
+        return False
+    if torch.compiler.is_compiling():  # never launch kernels while tracing; the eager run decided already
+        return True
+    failed = {op: why for op, why in check_kernels(t.device, t.dtype).items() if why is not None}
+    if not failed:
+        return True
+    _fallback = f"Triton smoke launch failed on {t.device} ({t.dtype}): " + "; ".join(
+        f"{op}: {why}" for op, why in failed.items()
+    )
+    warnings.warn(
+        f"{_fallback}. kernels=auto falls back to the PyTorch path (trainer/model/ops.py) for this process. "
+        "If the kernel image is invalid, the driver is older than Triton's bundled ptxas: point "
+        "TRITON_PTXAS_BLACKWELL_PATH (sm_90+) or TRITON_PTXAS_PATH (older GPUs) at the machine's CUDA ptxas.",
+        KernelFallbackWarning,
+        stacklevel=4,
+    )
+    return False
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Whether a call on these tensors runs the Triton kernels under the current backend."""
     name = get_backend()
     if name == "reference":
         return False
     if name == "auto":
-        return triton_available() and all(_cuda_ok(t) for t in tensors)
+        return triton_available() and all(_cuda_ok(t) for t in tensors) and _smoke_ok(tensors[0])
     if not triton_available():
         raise RuntimeError(f"{ENV_VAR}=triton but Triton is not installed")
     if any(t.device.type == "cpu" for t in tensors) and os.environ.get("TRITON_INTERPRET") != "1":
@@ -148,8 +204,11 @@ def moe_combine(
 
 __all__ = [
     "BACKENDS",
+    "KernelFallbackWarning",
     "Route",
     "apm_merge",
+    "check_kernels",
+    "fallback_reason",
     "get_backend",
     "moe_combine",
     "moe_dispatch",

@@ -71,6 +71,15 @@ def _variants(quick: bool):
     return out
 
 
+def ptxas_for(sm: int) -> tuple[str, str]:
+    """(path, CUDA release) of the ptxas Triton assembles sm_<sm> kernels with (its bundled one unless
+    TRITON_PTXAS_PATH, or TRITON_PTXAS_BLACKWELL_PATH for sm_90+, names another)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = get_ptxas(sm)
+    return tool.path, tool.version
+
+
 def compile_all(targets: list[int], quick: bool = False) -> int:
     """Compile every variant for each sm target; print one line each; return the number of failures."""
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -82,6 +91,8 @@ def compile_all(targets: list[int], quick: bool = False) -> int:
     failures = 0
     for sm in targets:
         target = GPUTarget("cuda", sm, 32)
+        path, release = ptxas_for(sm)
+        print(f"sm_{sm}: ptxas {path} (CUDA {release}); the driver must support CUDA {release} to load these")
         for op, name, sig, const, warps in _variants(quick):
             fn = getattr(importlib.import_module(f"kernels.{op}.kernel"), name)
             signature = {a: ("constexpr" if a in const else sig.get(a, "i32")) for a in fn.arg_names}

@@ -18,7 +18,13 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing the project into $VENV (a minute or two the first time; log: $log)"
   pip_install() { "$VENV/bin/pip" install "$@" >>"$log" 2>&1 || { tail -30 "$log" >&2; echo "setup: pip failed" >&2; exit 1; }; }
   if has_cuda && "$VENV/bin/python" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
-    pip_install -c "$ROOT/launch/constraints.txt" -e "$ROOT[test]"
+    # Keep the machine's torch AND the Triton built for it (constraints.txt pins the CPU machines' triton, which
+    # would replace or shadow it; some torch builds ship it as pytorch-triton): pin both to what is installed,
+    # install the other dependencies, then the project itself without dependencies.
+    "$VENV/bin/python" "$ROOT/launch/cuda_deps.py" "$ROOT" "$VENV/cuda" >>"$log" 2>&1 \
+      || { tail -30 "$log" >&2; echo "setup: cannot read the installed torch/triton" >&2; exit 1; }
+    pip_install -c "$VENV/cuda-constraints.txt" -r "$VENV/cuda-requirements.txt"
+    pip_install --no-deps -e "$ROOT"
   else
     pip_install "$TORCH_SPEC"
     pip_install -c "$ROOT/launch/constraints.txt" "$TORCH_SPEC" -e "$ROOT[test]"
