@@ -54,6 +54,9 @@ def simulate_index(root: str, rows: int, seed: int = 0) -> None:
             for m in ("hr", "s2", "s1"):
                 cols[f"{m}_crc32c"] = rng.integers(0, 2**32, n, dtype=np.uint32)
             cols["source"] = pa.array(["sim.parquet"] * n, pa.string())
+            for f in INDEX_SCHEMA:  # the per-frame quality columns stay null (unknown) here
+                if f.name not in cols:
+                    cols[f.name] = pa.nulls(n, f.type)
             w.write_table(pa.table(cols, schema=INDEX_SCHEMA))
     zero = {m: {"mean": [0.0] * c, "std": [1.0] * c} for m, c in (("hr", 3), ("s2", 10), ("s1", 2))}
     with open(os.path.join(root, "dataset.json"), "w") as f:

@@ -48,7 +48,13 @@ INDEX_SCHEMA = pa.schema([
     ("s2_start", pa.int64()), ("s1_start", pa.int64()),
     ("s2_dates", pa.list_(pa.int32())), ("s1_dates", pa.list_(pa.int32())),
     ("hr_crc32c", pa.uint32()), ("s2_crc32c", pa.uint32()), ("s1_crc32c", pa.uint32()), ("source", pa.string()),
+    ("lonlat_source", pa.string()), ("s2_missing_bands", pa.list_(pa.string())),
+    ("s1_missing_bands", pa.list_(pa.string())), ("s2_cloud", pa.list_(pa.float32())),
+    ("s2_nodata", pa.list_(pa.float32())), ("s1_nodata", pa.list_(pa.float32())), ("s2_cloud_skipped", pa.int32()),
 ])  # fmt: skip
+# Columns added after the first schema: a shard row that lacks them (written before) gets these (null: unknown).
+ROW_DEFAULTS = {"lonlat_source": "manifest", "s2_missing_bands": None, "s1_missing_bands": None, "s2_cloud": None,
+                "s2_nodata": None, "s1_nodata": None, "s2_cloud_skipped": None}  # fmt: skip
 ERRORS_SCHEMA = pa.schema([
     ("id", pa.string()), ("manifest_row", pa.int64()), ("shard", pa.int32()), ("kind", pa.string()),
     ("message", pa.string()), ("path", pa.string()),
@@ -270,7 +276,7 @@ def merge(cfg: ConvertConfig, n_shards: int) -> dict:
     for k in range(n_shards):
         meta = read_shard_meta(os.path.join(shards_dir, shard_name(k)))
         for r in meta["rows"]:
-            rows.add({**r, "shard": k, "source": source})
+            rows.add({**ROW_DEFAULTS, **r, "shard": k, "source": source})
             frames["s2"] += r["n_s2"]
             frames["s1"] += r["n_s1"]
         for e in meta["errors"]:
@@ -278,7 +284,7 @@ def merge(cfg: ConvertConfig, n_shards: int) -> dict:
             by_kind[e["kind"]] = by_kind.get(e["kind"], 0) + 1
         for m, st in meta["stats"].items():
             a = acc[m]
-            a["count"] += st["count"]
+            a["count"] = a["count"] + np.array(st["count"])  # per band (older shards: one count for all)
             a["sum"] = np.array(st["sum"]) if a["sum"] is None else a["sum"] + np.array(st["sum"])
             a["sumsq"] = np.array(st["sumsq"]) if a["sumsq"] is None else a["sumsq"] + np.array(st["sumsq"])
         del meta
@@ -287,10 +293,10 @@ def merge(cfg: ConvertConfig, n_shards: int) -> dict:
     index.ensure(cfg.out)  # the row index the trainer's reader reads (dataprep.index)
     stats = {}
     for m, a in acc.items():
-        c = max(a["count"], 1)
+        c = np.maximum(a["count"], 1)
         mean = a["sum"] / c
         std = np.sqrt(np.maximum(a["sumsq"] / c - mean**2, 0.0))
-        stats[m] = {"mean": mean.tolist(), "std": std.tolist(), "pixels_per_band": a["count"]}
+        stats[m] = {"mean": mean.tolist(), "std": std.tolist(), "pixels_per_band": np.asarray(a["count"]).tolist()}
     summary = {
         "schema_version": SCHEMA_VERSION,
         "layout": "shards/shard-NNNNN.zarr (Zarr v3); see docs/dataprep.md",

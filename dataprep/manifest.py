@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .datacube import CubeSpec, parse_cube
 from .errors import Reject
 from .schema import check_lonlat, parse_date
 
@@ -37,8 +38,9 @@ class SetSpec:
     label: int = -1
     hr: str | None = None
     osm: str | None = None
-    s2: list[FrameSpec] | None = None
-    s1: list[FrameSpec] | None = None
+    s2: list[FrameSpec] | CubeSpec | None = None
+    s1: list[FrameSpec] | CubeSpec | None = None
+    lonlat_from_raster: bool = False  # lon/lat absent from the manifest: taken from the first georeferenced raster
 
 
 @dataclass(kw_only=True, slots=True)
@@ -110,7 +112,7 @@ def _resolve(p, base: str, root: str | None, what: str) -> str:
     return full
 
 
-def _frames(value, base: str, root: str | None, mod: str, row_scale) -> list[FrameSpec] | None:
+def _frames(value, base: str, root: str | None, mod: str, row_scale) -> list[FrameSpec] | CubeSpec | None:
     if value is None:
         return None
     if isinstance(value, str):  # CSV cells hold the list as JSON text
@@ -120,6 +122,11 @@ def _frames(value, base: str, root: str | None, mod: str, row_scale) -> list[Fra
             raise Reject("malformed_row", f"{mod}: not a JSON list of frames: {e}") from None
         if value is None:
             return None
+    if isinstance(value, dict) and "cube" in value:  # the whole series in one NetCDF/HDF5 datacube
+        cube = parse_cube(value, _resolve(value["cube"], base, root, f"{mod}.cube"), mod)
+        if mod == "s2" and cube.scale is None and row_scale is not None:
+            cube.scale = row_scale
+        return cube
     if not isinstance(value, list | tuple):
         raise Reject("malformed_row", f"{mod}: expected a list of {{path, date}}, got {type(value).__name__}")
     if len(value) == 0:  # [] means "none", like null or an omitted key
@@ -152,18 +159,22 @@ def parse_row(raw: RawRow, base: str, root: str | None) -> SetSpec:
     if raw.data is None:
         raise Reject("malformed_row", raw.error or "unreadable row")
     d = raw.data
-    for k in ("id", "lon", "lat"):
+    # lon and lat both absent: taken from the rasters' georeferencing at load time (one absent is an error).
+    from_raster = d.get("lon") is None and d.get("lat") is None
+    for k in ("id",) if from_raster else ("id", "lon", "lat"):
         if d.get(k) is None:
             raise Reject("missing_field", f"row {raw.row}: field {k!r} is missing")
     sid = str(d["id"])
-    try:
-        lon, lat = float(d["lon"]), float(d["lat"])
-    except (TypeError, ValueError):
-        raise Reject("malformed_row", f"id {sid}: lon/lat not numbers: {d['lon']!r}, {d['lat']!r}") from None
-    try:
-        check_lonlat(lon, lat)
-    except ValueError as e:
-        raise Reject("lonlat_out_of_range", f"id {sid}: {e}") from None
+    lon = lat = math.nan
+    if not from_raster:
+        try:
+            lon, lat = float(d["lon"]), float(d["lat"])
+        except (TypeError, ValueError):
+            raise Reject("malformed_row", f"id {sid}: lon/lat not numbers: {d['lon']!r}, {d['lat']!r}") from None
+        try:
+            check_lonlat(lon, lat)
+        except ValueError as e:
+            raise Reject("lonlat_out_of_range", f"id {sid}: {e}") from None
     label = d.get("label")
     try:
         label = -1 if label is None or (isinstance(label, float) and math.isnan(label)) else int(label)
@@ -175,7 +186,8 @@ def parse_row(raw: RawRow, base: str, root: str | None) -> SetSpec:
     s1 = _frames(d.get("s1"), base, root, "s1", None)
     if hr is None and s2 is None and s1 is None:
         raise Reject("empty_set", f"id {sid}: no hr, s2 or s1 data")
-    return SetSpec(row=raw.row, id=sid, lon=lon, lat=lat, label=label, hr=hr, osm=osm, s2=s2, s1=s1)
+    return SetSpec(row=raw.row, id=sid, lon=lon, lat=lat, label=label, hr=hr, osm=osm, s2=s2, s1=s1,
+                   lonlat_from_raster=from_raster)
 
 
 def plan(

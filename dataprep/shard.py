@@ -15,9 +15,10 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
+from .datacube import CubeSpec, Series, load_cube, lonlat_of
 from .errors import Reject
 from .manifest import SetSpec
-from .schema import DTYPES, HR_BANDS, N_BANDS, OSM_UNKNOWN, S1_BANDS, S2_BANDS, region_of
+from .schema import DTYPES, HR_BANDS, N_BANDS, OSM_UNKNOWN, S1_BANDS, S2_BANDS, check_lonlat, region_of
 from .sources import load_hr, load_osm, load_s1, load_s2
 
 HR_CHUNK = 256
@@ -40,6 +41,8 @@ class ShardConfig:
     clevel: int = 3
     crop: bool = False  # centre-crop larger rasters instead of rejecting them
     has_osm: bool = False
+    missing_bands: str = "reject"  # an S2/S1 source lacking SkySense bands: "reject" the row or "zero"-fill them
+    cloud_max: float | None = None  # drop S2 frames whose cloud fraction (from SCL) exceeds this
 
     def fingerprint(self) -> dict:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -68,19 +71,25 @@ def crc(a: np.ndarray) -> int:
 
 
 class _Stats:
-    """Per-band pixel count, sum and sum of squares in float64 (merged across shards in shard order)."""
+    """Per-band pixel count, sum and sum of squares in float64 (merged across shards in shard order), over the
+    pixels that hold data: no-data and cloud pixels and zero-filled bands are left out."""
 
     def __init__(self):
-        self.d = {m: {"count": 0, "sum": [0.0] * N_BANDS[m], "sumsq": [0.0] * N_BANDS[m]} for m in N_BANDS}
+        self.d = {m: {"count": [0] * N_BANDS[m], "sum": [0.0] * N_BANDS[m], "sumsq": [0.0] * N_BANDS[m]}
+                  for m in N_BANDS}  # fmt: skip
 
-    def add(self, m: str, a: np.ndarray) -> None:
-        """a: (..., C, H, W)"""
+    def add(self, m: str, a: np.ndarray, exclude: np.ndarray | None = None, bands_absent=()) -> None:
+        """a: (..., C, H, W); exclude: (..., H, W) bool, pixels left out of every band; bands_absent: band names."""
         c = a.shape[-3]
         x = np.moveaxis(a.reshape(-1, c, a.shape[-2] * a.shape[-1]), 1, 0).reshape(c, -1).astype(np.float64)
+        if exclude is not None and exclude.any():
+            x = x[:, ~exclude.reshape(-1)]
+        names = {"hr": HR_BANDS, "s2": S2_BANDS, "s1": S1_BANDS}[m]
+        on = np.array([n not in bands_absent for n in names], np.float64)
         s = self.d[m]
-        s["count"] += int(x.shape[1])
-        s["sum"] = [u + float(v) for u, v in zip(s["sum"], x.sum(1))]
-        s["sumsq"] = [u + float(v) for u, v in zip(s["sumsq"], np.einsum("ij,ij->i", x, x))]
+        s["count"] = [u + int(x.shape[1] * o) for u, o in zip(s["count"], on)]
+        s["sum"] = [u + float(v) for u, v in zip(s["sum"], x.sum(1) * on)]
+        s["sumsq"] = [u + float(v) for u, v in zip(s["sumsq"], np.einsum("ij,ij->i", x, x) * on)]
 
 
 # Chunk keys "c.0.0.0.0" (flat files in the array folder, not nested folders): millions of images would
@@ -120,23 +129,59 @@ def _create(group, name, shape, chunks, shards, dtype, cfg, fill_value=0):
                               dimension_names=DIMS[name], attributes=ATTRS[name])
 
 
+def _load_series(spec: SetSpec, m: str, cfg: ShardConfig) -> Series:
+    src = getattr(spec, m)
+    h = cfg.s2_size
+    if isinstance(src, CubeSpec):
+        return load_cube(src, m, h, cfg.crop, cfg.missing_bands, cfg.cloud_max if m == "s2" else None)
+    frames = src or []
+    missing: list[str] = []
+    if m == "s2":
+        arrs = [load_s2(fr, h, cfg.crop, cfg.missing_bands, missing) for fr in frames]
+    else:
+        arrs = [load_s1(fr, h, cfg.crop) for fr in frames]
+    T = len(arrs)
+    return Series(data=np.stack(arrs) if arrs else np.zeros((0, N_BANDS[m], h, h), DTYPES[m]),
+                  dates=np.array([fr.date for fr in frames], dtype=np.int32), nodata=np.zeros((T, h, h), bool),
+                  cloud=np.full(T, np.nan, np.float32), missing=missing)  # fmt: skip
+
+
+def _raster_lonlat(spec: SetSpec) -> tuple[float, float]:
+    """lon/lat of a row that gives none: the centre of its first georeferenced raster (HR, S2, S1)."""
+    paths = [spec.hr] if spec.hr else []
+    for m in ("s2", "s1"):
+        src = getattr(spec, m)
+        paths += [src.path] if isinstance(src, CubeSpec) else [fr.path for fr in src or []]
+    for p in paths:
+        ll = lonlat_of(p)
+        if ll is not None:
+            try:
+                check_lonlat(*ll)
+            except ValueError as e:
+                raise Reject("lonlat_out_of_range", f"{p}: georeferencing gives {e}", p) from None
+            return ll
+    raise Reject("missing_field", f"id {spec.id}: no lon/lat in the manifest and no georeferenced raster")
+
+
 def _load_set(spec: SetSpec, cfg: ShardConfig) -> dict:
-    out = {"hr": None, "osm": None}
+    out = {"hr": None, "osm": None, "lonlat": (spec.lon, spec.lat)}
     if spec.hr is not None:
         out["hr"] = load_hr(spec.hr, cfg.hr_size, cfg.crop)
     if spec.osm is not None:
         out["osm"] = load_osm(spec.osm, cfg.hr_size, cfg.crop)
-    for m, loader in (("s2", load_s2), ("s1", load_s1)):
-        frames = getattr(spec, m) or []
-        arrs = [loader(fr, cfg.s2_size, cfg.crop) for fr in frames]
-        shape = (0, N_BANDS[m], cfg.s2_size, cfg.s2_size)
-        out[m] = np.stack(arrs) if arrs else np.zeros(shape, DTYPES[m])
-        out[m + "_dates"] = np.array([fr.date for fr in frames], dtype=np.int32)
+    for m in ("s2", "s1"):
+        ser = _load_series(spec, m, cfg)
+        out[m], out[m + "_dates"], out[m + "_series"] = ser.data, ser.dates, ser
+    if spec.lonlat_from_raster:
+        out["lonlat"] = _raster_lonlat(spec)
     return out
 
 
 def _source_bytes(spec: SetSpec) -> int:
-    paths = [p for p in (spec.hr, spec.osm) if p] + [f.path for f in (spec.s2 or []) + (spec.s1 or [])]
+    paths = [p for p in (spec.hr, spec.osm) if p]
+    for src in (spec.s2, spec.s1):
+        paths += [src.path] if isinstance(src, CubeSpec) else [f.path for f in src or []]
+    paths = list(dict.fromkeys(paths))  # one cube file may hold both S2 and S1
     total = 0
     for p in paths:
         if os.path.isdir(p):
@@ -272,21 +317,30 @@ def write_shard(k: int, items: list, cfg: ShardConfig, shards_dir: str, strict: 
         starts = {}
         for m in ("s2", "s1"):
             starts[m] = offsets[m][-1]
+            ser = data[m + "_series"]
             if len(data[m]):
                 buf[m].append(data[m])
-                stats.add(m, data[m])
+                out_px = ser.nodata if ser.cloudy is None else ser.nodata | ser.cloudy
+                stats.add(m, data[m], out_px, ser.missing)
                 if sum(len(b) for b in buf[m]) >= fps:
                     flush(m, False)
             offsets[m].append(offsets[m][-1] + len(data[m]))
             dates[m].extend(data[m + "_dates"].tolist())
+        lon, lat = data["lonlat"]
+        s2s, s1s = data["s2_series"], data["s1_series"]
         rows.append({
-            "id": item.id, "row": j, "manifest_row": item.row, "lon": item.lon, "lat": item.lat,
-            "region": int(region_of(item.lon, item.lat)), "label": item.label,
+            "id": item.id, "row": j, "manifest_row": item.row, "lon": lon, "lat": lat,
+            "region": int(region_of(lon, lat)), "label": item.label,
             "has_hr": data["hr"] is not None, "has_osm": data["osm"] is not None,
             "n_s2": len(data["s2"]), "n_s1": len(data["s1"]), "s2_start": starts["s2"], "s1_start": starts["s1"],
             "s2_dates": data["s2_dates"].tolist(), "s1_dates": data["s1_dates"].tolist(),
             "hr_crc32c": crc(data["hr"]) if data["hr"] is not None else 0,
             "s2_crc32c": crc(data["s2"]), "s1_crc32c": crc(data["s1"]),
+            "lonlat_source": "raster" if item.lonlat_from_raster else "manifest",
+            "s2_missing_bands": list(s2s.missing), "s1_missing_bands": list(s1s.missing),
+            "s2_cloud": [None if np.isnan(c) else float(c) for c in s2s.cloud],
+            "s2_nodata": s2s.nodata.mean((1, 2)).tolist(), "s1_nodata": s1s.nodata.mean((1, 2)).tolist(),
+            "s2_cloud_skipped": s2s.skipped,
         })  # fmt: skip
     n = len(rows)
     for m in ("s2", "s1"):

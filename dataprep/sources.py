@@ -194,8 +194,12 @@ def _s2_layout(fr: FrameSpec, count: int) -> tuple[str, ...]:
     return tuple(normalise_band_name(b) for b in fr.bands)
 
 
-def load_s2(fr: FrameSpec, size: int, crop: bool = False) -> np.ndarray:
-    """One S2 frame -> (10, size, size) uint16 in S2_BANDS order (reflectance x 1e4)."""
+def load_s2(fr: FrameSpec, size: int, crop: bool = False, missing_bands: str = "reject",
+            missing: list[str] | None = None) -> np.ndarray:  # fmt: skip
+    """One S2 frame -> (10, size, size) uint16 in S2_BANDS order (reflectance x 1e4).
+
+    A layout lacking SkySense bands is rejected, or with missing_bands="zero" those bands are zero-filled and
+    their names appended to `missing`."""
     if os.path.isdir(fr.path):
         a = _band_folder(fr.path, S2_BANDS)
         layout = S2_BANDS
@@ -204,12 +208,17 @@ def load_s2(fr: FrameSpec, size: int, crop: bool = False) -> np.ndarray:
         layout = _s2_layout(fr, a.shape[0])
         if len(layout) != a.shape[0]:
             raise Reject("wrong_band_count", f"{fr.path}: {a.shape[0]} bands, layout names {len(layout)}", fr.path)
-        missing = [b for b in S2_BANDS if b not in layout]
-        if missing:
-            raise Reject("wrong_band_count", f"{fr.path}: layout lacks bands {missing}", fr.path)
-        order = [layout.index(b) for b in S2_BANDS]
-        if order != list(range(a.shape[0])):  # skip the copy when already in SkySense order
-            a = a[order]
+        lacking = [b for b in S2_BANDS if b not in layout]
+        if lacking and missing_bands != "zero":
+            raise Reject("wrong_band_count", f"{fr.path}: layout lacks bands {lacking}", fr.path)
+        if lacking:
+            if missing is not None:
+                missing.extend(b for b in lacking if b not in missing)
+            a = np.stack([a[layout.index(b)] if b in layout else np.zeros(a.shape[1:], a.dtype) for b in S2_BANDS])
+        else:
+            order = [layout.index(b) for b in S2_BANDS]
+            if order != list(range(a.shape[0])):  # skip the copy when already in SkySense order
+                a = a[order]
     a = _fit(a, size, crop, fr.path, "S2 frame")
     if a.dtype.kind == "f":
         _check_finite(a, fr.path)
