@@ -293,7 +293,7 @@ def lonlat_of(path: str) -> tuple[float, float] | None:
                     return None
                 wkt = _attr(f[gm], "crs_wkt") or _attr(f[gm], "spatial_ref")
                 xs, ys = f["x"][:], f["y"][:]
-            crs = CRS.from_wkt(wkt)
+            crs = CRS.from_user_input(wkt)
         except (Reject, CRSError, TypeError):
             return None
         x, y = (float(xs.min()) + float(xs.max())) / 2, (float(ys.min()) + float(ys.max())) / 2
