@@ -90,9 +90,10 @@ def test_worldcereal_cube(tmp_path):
     assert err["kind"] == "wrong_band_count" and "B8A" in err["message"]
 
 
-def _hand_cloud(scl: np.ndarray) -> np.ndarray:
-    """Per frame: pixels of SCL classes 3, 8, 9, 10 over the pixels that are not 0/1 (no data, defective)."""
-    valid = (scl != 0) & (scl != 1)
+def _hand_cloud(scl: np.ndarray, fill: np.ndarray | None = None) -> np.ndarray:
+    """Per frame: pixels of SCL classes 3, 8, 9, 10 over the pixels with data: SCL not 0/1 (no data, defective)
+    and no band at its fill value."""
+    valid = (scl != 0) & (scl != 1) & (True if fill is None else ~fill)
     cloud = ((scl == 3) | (scl == 8) | (scl == 9) | (scl == 10)) & valid
     return np.array([c.sum() / v.sum() if v.sum() else 1.0 for c, v in zip(cloud, valid)], np.float32)
 
@@ -167,6 +168,9 @@ def test_cf_scaled_int16_cube(tmp_path):
     s1_int = np.rint((db + 30.0) / 0.001).astype(np.int64)  # dB = int x 0.001 - 30
     s1_int[1, 2, 4, 5] = -32767
     s2v = {f"S2-{b}": (refl[c], 1e-4, 0.0, -32768) for c, b in enumerate(S2)}
+    scl = rng.integers(2, 12, (T, H, H))  # every SCL class; no data (0) and defective (1) pixels in frame 2 only
+    scl[2, :2] = [[0], [1]]
+    s2v["S2-SCL"] = (scl, None, None, -1)
     s1v = {f"S1-{p}": (s1_int[c], 0.001, -30.0, -32767) for c, p in enumerate(("VV", "VH"))}
     _cf_cube(tmp_path / "cube.nc", s2v, s1v, days=[0, 31, 60])
     rows = [{"id": "cf", "lon": 5.0, "lat": 50.6, "s2": {"cube": "cube.nc", "scale": 10000},
@@ -176,9 +180,10 @@ def test_cf_scaled_int16_cube(tmp_path):
     assert convert_inproc(_write(tmp_path, rows), out, s2_size=H) == 1
     # independent decode: physical = raw x scale_factor + add_offset, fill -> no data
     with h5py.File(tmp_path / "cube.nc") as f:
-        phys = {k: f[k][:] * f[k].attrs["scale_factor"] + f[k].attrs["add_offset"] for k in f if k.startswith("S")}
+        scaled = [k for k in f if "scale_factor" in f[k].attrs]
+        phys = {k: f[k][:] * f[k].attrs["scale_factor"] + f[k].attrs["add_offset"] for k in scaled}
         fill = {k: f[k][:] == f[k].attrs["_FillValue"] for k in f if k.startswith("S")}
-    s2_bad = np.any([fill[f"S2-{b}"] for b in S2], 0)
+    s2_bad = np.any([fill[f"S2-{b}"] for b in S2], 0) | (scl <= 1)
     s1_bad = fill["S1-VV"] | fill["S1-VH"]
     want2 = np.stack([np.where(s2_bad, 0, np.rint(phys[f"S2-{b}"] * 1e4)) for b in S2], 1).astype(np.uint16)
     want1 = np.stack([np.where(s1_bad, 0, phys[f"S1-{p}"]) for p in ("VV", "VH")], 1).astype(np.float32)
@@ -189,7 +194,8 @@ def test_cf_scaled_int16_cube(tmp_path):
     row = _index(out)[0]
     assert row["s2_dates"] == [(dt.date(2000, 1, 1) + dt.timedelta(days=d) - dt.date(1970, 1, 1)).days
                                for d in (0, 31, 60)]  # fmt: skip
-    assert row["s2_nodata"] == pytest.approx([0.0, 1 / H**2, 0.0]) and row["s1_nodata"][2] == pytest.approx(1 / H**2)
+    assert row["s2_nodata"] == pytest.approx([0.0, 1 / H**2, 2 / H]) and row["s1_nodata"][2] == pytest.approx(1 / H**2)
+    assert row["s2_cloud"] == pytest.approx(_hand_cloud(scl, s2_bad).tolist(), abs=1e-7)
     assert row["lonlat_source"] == "manifest" and row["lon"] == 5.0
     assert _errors(out)["cf-noscale"]["kind"] == "wrong_dtype"  # floats after scale_factor need 'scale'
 
