@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--strict", action="store_true", help="stop at the first rejected row")
     c.add_argument("--missing-bands", choices=("reject", "zero"), default="reject",
                    help="an S2/S1 source lacking SkySense bands: reject the row, or zero-fill (recorded in the index)")
+    c.add_argument("--resample-hr", action="store_true",
+                   help="area-average HR images of another size to --hr-size (any ratio) instead of rejecting them")
     c.add_argument("--cloud-max", type=float, default=None,
                    help="drop S2 frames whose SCL cloud fraction exceeds this (0..1)")
     c.add_argument("--rank", type=int, default=_env_int("RANK", 0))
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         shard = ShardConfig(hr_size=args.hr_size, s2_size=args.s2_size, shard_size=args.shard_size,
                             frames_per_chunk_shard=args.frames_per_chunk_shard, codec=args.codec,
                             clevel=args.clevel, crop=args.crop, missing_bands=args.missing_bands,
-                            cloud_max=args.cloud_max)  # fmt: skip
+                            cloud_max=args.cloud_max, resample_hr=args.resample_hr)  # fmt: skip
         cfg = ConvertConfig(manifest=args.manifest, out=args.out, root=args.root, shard=shard, workers=args.workers,
                             rank=args.rank, world_size=args.world_size, strict=args.strict,
                             progress=not args.no_progress, metrics_port=args.metrics_port)  # fmt: skip

@@ -38,6 +38,10 @@ class CubeSpec:
     units: str | None = None  # S1: "db" | "power" | "openeo_u16" (dB = 20 log10(DN) - 83)
     nodata: float | None = None  # raw no-data value when the file has no _FillValue
     scl: str | None = None  # S2 scene-classification variable; default: a variable named *SCL
+    array: str | list[str] | None = None  # instead of per-band variables: (T, C, Y, X) dataset(s), concatenated
+    dates: str | list[str] | None = None  # per array: a dataset of product names / ISO dates (else its time axis)
+    bands: list[str] | None = None  # band names of an array's C axis (default: SkySense order)
+    duplicates: str = "reject"  # a day twice: "reject" the row or keep the "first" frame of that day
 
 
 @dataclass(kw_only=True, slots=True)
@@ -57,7 +61,8 @@ class Series:
 
 def parse_cube(d: dict, path: str, mod: str) -> CubeSpec:
     """A manifest cube object (path already resolved) -> CubeSpec; raises Reject("malformed_row")."""
-    known = {"cube", "variables", "missing_bands", "scale", "units", "nodata", "scl"}
+    known = {"cube", "variables", "missing_bands", "scale", "units", "nodata", "scl", "array", "dates", "bands",
+             "duplicates"}  # fmt: skip
     extra = sorted(set(d) - known)
     if extra:
         raise Reject("malformed_row", f"{mod}: unknown cube keys {extra}")
@@ -71,9 +76,17 @@ def parse_cube(d: dict, path: str, mod: str) -> CubeSpec:
     for k in ("scale", "nodata"):
         if d.get(k) is not None and not isinstance(d[k], int | float):
             raise Reject("malformed_row", f"{mod}: {k} must be a number, got {d[k]!r}")
+    for k in ("array", "dates", "bands"):
+        v = d.get(k)
+        if v is not None and not (isinstance(v, str) and k != "bands" or
+                                  isinstance(v, list) and all(isinstance(x, str) for x in v)):
+            raise Reject("malformed_row", f"{mod}: {k} must be a name or a list of names, got {v!r}")
+    if d.get("duplicates", "reject") not in ("reject", "first"):
+        raise Reject("malformed_row", f"{mod}: duplicates must be 'reject' or 'first'")
     variables = {normalise_band_name(k): v for k, v in var.items()} if var else None
     return CubeSpec(path=path, variables=variables, missing_bands=d.get("missing_bands"), scale=d.get("scale"),
-                    units=d.get("units"), nodata=d.get("nodata"), scl=d.get("scl"))  # fmt: skip
+                    units=d.get("units"), nodata=d.get("nodata"), scl=d.get("scl"), array=d.get("array"),
+                    dates=d.get("dates"), bands=d.get("bands"), duplicates=d.get("duplicates", "reject"))  # fmt: skip
 
 
 def _attr(ds, name):
@@ -170,6 +183,102 @@ def _fit(a: np.ndarray, size: int, crop: bool, path: str) -> np.ndarray:
     raise Reject("wrong_size", f"{path}: cube grid is {h}x{w}, dataset expects {size}x{size}", path)
 
 
+def _read_variables(f, spec: CubeSpec, mod: str, bands, policy: str):
+    """One (t, y, x) variable per band -> ({band: values (T, Y, X)}, nodata (T, Y, X), dates (T,), scl or None,
+    missing band names)."""
+    cubes = _cubes(f)
+    if spec.variables is not None:
+        names = {b: spec.variables[b] for b in bands if b in spec.variables}
+        absent = sorted(set(names.values()) - set(cubes))
+        if absent:
+            raise Reject("wrong_band_count", f"{spec.path}: variables {absent} not in the file", spec.path)
+    else:
+        names = {}
+        for k in sorted(cubes):
+            b = _band_of(k, bands)
+            if b is not None and b not in names:
+                names[b] = k
+    if not names:
+        raise Reject("wrong_band_count", f"{spec.path}: no {mod.upper()} band variables found "
+                     f"(variables: {sorted(cubes)})", spec.path)  # fmt: skip
+    missing = [b for b in bands if b not in names]
+    if missing and policy == "reject":
+        raise Reject("wrong_band_count", f"{spec.path}: no variable for bands {missing} "
+                     "(missing_bands='zero' fills them)", spec.path)  # fmt: skip
+    first = cubes[next(iter(names.values()))]
+    shape = first.shape
+    dates = _dates(f, first, spec.path)
+    vals, nodata = {}, np.zeros(shape, bool)
+    for b, k in names.items():
+        if cubes[k].shape != shape:
+            raise Reject("wrong_size", f"{spec.path}: {k} is {cubes[k].shape}, {first.name} {shape}", spec.path)
+        vals[b], bad = _decode(cubes[k], spec.nodata, spec.path)
+        nodata |= bad
+    scl_name = spec.scl or next((k for k in sorted(cubes) if k.upper().endswith("SCL")), None)
+    scl = None
+    if mod == "s2" and scl_name is not None:
+        if scl_name not in cubes or cubes[scl_name].shape != shape:
+            raise Reject("wrong_band_count", f"{spec.path}: no SCL variable {scl_name!r} of shape {shape}",
+                         spec.path)  # fmt: skip
+        scl = _decode(cubes[scl_name], None, spec.path)[0].astype(np.int64)
+    return vals, nodata, dates, scl, missing
+
+
+_STAMP = re.compile(rb"(\d{8})T\d{6}")
+
+
+def _product_dates(ds, path: str) -> np.ndarray:
+    """Dates of a dataset of product names (the first YYYYMMDDThhmmss in each, e.g. S2A_MSIL2A_20200102T102421_...)
+    or of ISO date strings, as int32 days since 1970-01-01."""
+    out = []
+    for v in ds[:]:
+        b = v if isinstance(v, bytes) else str(v).encode()
+        m = _STAMP.search(b)
+        try:
+            s = m.group(1).decode() if m else b.decode().strip()[:10]
+            d = _dt.date(int(s[:4]), int(s[4:6]), int(s[6:8])) if m else _dt.date.fromisoformat(s)
+        except ValueError:
+            raise Reject("bad_date", f"{path}: no date in {ds.name} entry {b[:80]!r}", path) from None
+        out.append((d - EPOCH).days)
+    return np.array(out, np.int32)
+
+
+def _read_arrays(f, spec: CubeSpec, mod: str, bands, policy: str):
+    """(T, C, Y, X) datasets (TreeSatAI-TS `sen-2-data`; several are concatenated, e.g. S1 ascending +
+    descending) with their dates -> the same as _read_variables."""
+    arrays = [spec.array] if isinstance(spec.array, str) else list(spec.array)
+    dnames = [spec.dates] if isinstance(spec.dates, str) else list(spec.dates or [None] * len(arrays))
+    if len(dnames) != len(arrays):
+        raise Reject("malformed_row", f"{spec.path}: 'dates' must name one dataset per 'array'", spec.path)
+    src = tuple(normalise_band_name(b) for b in spec.bands) if spec.bands else bands
+    missing = [b for b in bands if b not in src]
+    if missing and policy == "reject":
+        raise Reject("wrong_band_count", f"{spec.path}: arrays lack bands {missing}", spec.path)
+    parts, bads, dates = [], [], []
+    for a, dn in zip(arrays, dnames):
+        if a not in f or getattr(f[a], "ndim", 0) != 4:
+            raise Reject("wrong_band_count", f"{spec.path}: no 4-D (T, C, Y, X) dataset {a!r}", spec.path)
+        ds = f[a]
+        if ds.shape[1] != len(src):
+            raise Reject("wrong_band_count", f"{spec.path}: {a} has {ds.shape[1]} bands, expected {len(src)} "
+                         f"({', '.join(src)})", spec.path)  # fmt: skip
+        if parts and ds.shape[2:] != parts[0].shape[2:]:
+            raise Reject("wrong_size", f"{spec.path}: {a} grid {ds.shape[2:]} differs from {arrays[0]}", spec.path)
+        v, bad = _decode(ds, spec.nodata, spec.path)
+        if dn is None:
+            d = _dates(f, ds, spec.path)
+        elif dn not in f or f[dn].shape != (ds.shape[0],):
+            raise Reject("bad_date", f"{spec.path}: no dates dataset {dn!r} of length {ds.shape[0]}", spec.path)
+        else:
+            d = _product_dates(f[dn], spec.path)
+        parts.append(v)
+        bads.append(bad.any(1))
+        dates.append(d)
+    v = np.concatenate(parts)
+    vals = {b: v[:, src.index(b)] for b in bands if b in src}
+    return vals, np.concatenate(bads), np.concatenate(dates), None, missing
+
+
 def load_cube(spec: CubeSpec, mod: str, size: int, crop: bool = False, missing_default: str = "reject",
               cloud_max: float | None = None) -> Series:  # fmt: skip
     """A cube file -> the modality's Series on the dataset grid, sorted by date; S2 (T, 10, size, size) uint16,
@@ -177,43 +286,10 @@ def load_cube(spec: CubeSpec, mod: str, size: int, crop: bool = False, missing_d
     bands = S2_BANDS if mod == "s2" else S1_BANDS
     policy = spec.missing_bands or missing_default
     with _open(spec.path) as f:
-        cubes = _cubes(f)
-        if spec.variables is not None:
-            names = {b: spec.variables[b] for b in bands if b in spec.variables}
-            absent = sorted(set(names.values()) - set(cubes))
-            if absent:
-                raise Reject("wrong_band_count", f"{spec.path}: variables {absent} not in the file", spec.path)
-        else:
-            names = {}
-            for k in sorted(cubes):
-                b = _band_of(k, bands)
-                if b is not None and b not in names:
-                    names[b] = k
-        if not names:
-            raise Reject("wrong_band_count", f"{spec.path}: no {mod.upper()} band variables found "
-                         f"(variables: {sorted(cubes)})", spec.path)  # fmt: skip
-        missing = [b for b in bands if b not in names]
-        if missing and policy == "reject":
-            raise Reject("wrong_band_count", f"{spec.path}: no variable for bands {missing} "
-                         "(missing_bands='zero' fills them)", spec.path)  # fmt: skip
-        first = cubes[next(iter(names.values()))]
-        shape = first.shape
-        dates = _dates(f, first, spec.path)
-        T = shape[0]
-        vals, nodata = {}, np.zeros((T, *shape[1:]), bool)
-        for b, k in names.items():
-            if cubes[k].shape != shape:
-                raise Reject("wrong_size", f"{spec.path}: {k} is {cubes[k].shape}, {first.name} {shape}", spec.path)
-            vals[b], bad = _decode(cubes[k], spec.nodata, spec.path)
-            nodata |= bad
-        cloud, cloudy = np.full(T, np.nan, np.float32), None
-        scl_name = spec.scl or next((k for k in sorted(cubes) if k.upper().endswith("SCL")), None)
-        scl = None
-        if mod == "s2" and scl_name is not None:
-            if scl_name not in cubes or cubes[scl_name].shape != shape:
-                raise Reject("wrong_band_count", f"{spec.path}: no SCL variable {scl_name!r} of shape {shape}",
-                             spec.path)  # fmt: skip
-            scl = _decode(cubes[scl_name], None, spec.path)[0].astype(np.int64)
+        read = _read_arrays if spec.array is not None else _read_variables
+        vals, nodata, dates, scl, missing = read(f, spec, mod, bands, policy)
+    T = len(dates)
+    cloud, cloudy = np.full(T, np.nan, np.float32), None
     nodata = _fit(nodata, size, crop, spec.path)
     if scl is not None:
         scl = _fit(scl, size, crop, spec.path)
@@ -227,10 +303,14 @@ def load_cube(spec: CubeSpec, mod: str, size: int, crop: bool = False, missing_d
         if b in vals:
             out[:, c] = _physical(_fit(vals[b], size, crop, spec.path), nodata, mod, spec, b)
     order = np.argsort(dates, kind="stable")
+    if len(np.unique(dates)) != len(dates):
+        if spec.duplicates != "first":
+            raise Reject("duplicate_date", f"{spec.path}: the time coordinate repeats a day "
+                         "(duplicates='first' keeps the first frame of each day)", spec.path)  # fmt: skip
+        order = order[np.unique(dates[order], return_index=True)[1]]  # first frame (file order) of each day
     dates, out, nodata, cloud = dates[order], out[order], nodata[order], cloud[order]
     cloudy = None if cloudy is None else cloudy[order]
-    if len(np.unique(dates)) != len(dates):
-        raise Reject("duplicate_date", f"{spec.path}: the time coordinate repeats a day", spec.path)
+    T = len(dates)
     keep = np.ones(T, bool) if cloud_max is None else ~(cloud > cloud_max)  # NaN (unknown) is kept
     return Series(data=np.ascontiguousarray(out[keep]), dates=dates[keep], nodata=nodata[keep], cloud=cloud[keep],
                   missing=missing, cloudy=None if cloudy is None else cloudy[keep],

@@ -40,6 +40,7 @@ class SetSpec:
     osm: str | None = None
     s2: list[FrameSpec] | CubeSpec | None = None
     s1: list[FrameSpec] | CubeSpec | None = None
+    hr_bands: list[int] | None = None  # which HR bands are R, G, B (0-based), for non-RGB band orders
     lonlat_from_raster: bool = False  # lon/lat absent from the manifest: taken from the first georeferenced raster
 
 
@@ -186,8 +187,17 @@ def parse_row(raw: RawRow, base: str, root: str | None) -> SetSpec:
     s1 = _frames(d.get("s1"), base, root, "s1", None)
     if hr is None and s2 is None and s1 is None:
         raise Reject("empty_set", f"id {sid}: no hr, s2 or s1 data")
+    hr_bands = d.get("hr_bands")
+    if isinstance(hr_bands, str):  # CSV cell
+        try:
+            hr_bands = json.loads(hr_bands)
+        except ValueError:
+            hr_bands = "?"
+    if hr_bands is not None and not (isinstance(hr_bands, list) and len(hr_bands) == 3
+                                     and all(isinstance(b, int) for b in hr_bands)):  # fmt: skip
+        raise Reject("malformed_row", f"id {sid}: hr_bands must be 3 band indices (R, G, B), got {d['hr_bands']!r}")
     return SetSpec(row=raw.row, id=sid, lon=lon, lat=lat, label=label, hr=hr, osm=osm, s2=s2, s1=s1,
-                   lonlat_from_raster=from_raster)
+                   hr_bands=hr_bands, lonlat_from_raster=from_raster)
 
 
 def plan(

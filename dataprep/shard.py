@@ -43,6 +43,7 @@ class ShardConfig:
     has_osm: bool = False
     missing_bands: str = "reject"  # an S2/S1 source lacking SkySense bands: "reject" the row or "zero"-fill them
     cloud_max: float | None = None  # drop S2 frames whose cloud fraction (from SCL) exceeds this
+    resample_hr: bool = False  # area-average HR images of another size to hr_size (any ratio) instead of rejecting
 
     def fingerprint(self) -> dict:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -166,7 +167,7 @@ def _raster_lonlat(spec: SetSpec) -> tuple[float, float]:
 def _load_set(spec: SetSpec, cfg: ShardConfig) -> dict:
     out = {"hr": None, "osm": None, "lonlat": (spec.lon, spec.lat)}
     if spec.hr is not None:
-        out["hr"] = load_hr(spec.hr, cfg.hr_size, cfg.crop)
+        out["hr"] = load_hr(spec.hr, cfg.hr_size, cfg.crop, spec.hr_bands, cfg.resample_hr)
     if spec.osm is not None:
         out["osm"] = load_osm(spec.osm, cfg.hr_size, cfg.crop)
     for m in ("s2", "s1"):

@@ -159,15 +159,39 @@ def _band_folder(path: str, names: tuple[str, ...]) -> np.ndarray:
     return np.stack(out)
 
 
-def load_hr(path: str, size: int, crop: bool = False) -> np.ndarray:
-    """RGB image -> (3, size, size) uint8. RGBA drops alpha; anything else that is not 8-bit RGB is rejected."""
+def _area_weights(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of area-average resampling along one axis: output pixel i covers input
+    [i n_in / n_out, (i + 1) n_in / n_out); each weight is the overlap with input pixel j over the cover."""
+    edges = np.arange(n_out + 1) * (n_in / n_out)
+    lo, hi = edges[:-1, None], edges[1:, None]
+    j = np.arange(n_in)[None]
+    return np.clip(np.minimum(hi, j + 1) - np.maximum(lo, j), 0, None) / (n_in / n_out)
+
+
+def area_resize(a: np.ndarray, size: int) -> np.ndarray:
+    """(C, H, W) -> (C, size, size) float64 by area averaging (any ratio, e.g. TreeSatAI's 304 px -> 192)."""
+    wy, wx = _area_weights(a.shape[-2], size), _area_weights(a.shape[-1], size)
+    return wy @ a.astype(np.float64) @ wx.T  # (size, H) @ (C, H, W) @ (W, size)
+
+
+def load_hr(path: str, size: int, crop: bool = False, bands: list[int] | None = None,
+            resample: bool = False) -> np.ndarray:  # fmt: skip
+    """RGB image -> (3, size, size) uint8. RGBA drops alpha; `bands` picks R, G, B from other band orders (e.g.
+    [1, 2, 3] of a NIR, R, G, B aerial image); anything else that is not 8-bit RGB is rejected. With `resample`, an
+    image of another size is area-averaged to size x size."""
     a = read_array(path, band_counts=(3, 4))
     if a.dtype != np.uint8:
         raise Reject("wrong_dtype", f"{path}: HR image is {a.dtype}, expected uint8", path)
-    if a.shape[0] == 4:
+    if bands is not None:
+        if not all(0 <= b < a.shape[0] for b in bands):
+            raise Reject("wrong_band_count", f"{path}: hr_bands {bands} outside its {a.shape[0]} bands", path)
+        a = a[list(bands)]
+    elif a.shape[0] == 4:
         a = a[:3]
     if a.shape[0] != 3:
         raise Reject("wrong_band_count", f"{path}: HR image has {a.shape[0]} bands, expected 3 (RGB)", path)
+    if resample and a.shape[-2:] != (size, size):
+        return np.ascontiguousarray(np.clip(np.rint(area_resize(a, size)), 0, 255).astype(np.uint8))
     return np.ascontiguousarray(_fit(a, size, crop, path, "HR image"))
 
 
