@@ -296,3 +296,14 @@ def test_treesat_hr_s2_s1_pair(tmp_path):
     assert row["lonlat_source"] == "raster" and (row["lon"], row["lat"]) == pytest.approx((lon[0], lat[0]))
     assert 5.8 < row["lon"] < 15 and 47 < row["lat"] < 55  # Germany
     assert _errors(out)["treesat-dup-days"]["kind"] == "duplicate_date"
+
+
+def test_duplicate_days_keep_first(tmp_path):
+    """duplicates='first': of two frames on one day the first in file order is kept (the sample's repeats are
+    identical scenes, so this synthetic cube makes them differ)."""
+    vals = np.stack([np.full((4, 4), 100), np.full((4, 4), 200), np.full((4, 4), 300)])  # days 7, 3, 7
+    _cf_cube(tmp_path / "c.nc", {f"S2-{b}": (vals, None, None, -1) for b in S2}, days=[7, 3, 7], crs=False)
+    rows = [{"id": "d", "lon": 1.0, "lat": 2.0, "s2": {"cube": "c.nc", "duplicates": "first"}}]
+    assert convert_inproc(_write(tmp_path, rows), tmp_path / "out", s2_size=4) == 0
+    got = DatasetReader(tmp_path / "out").read(0, "s2")
+    assert got[:, 0, 0, 0].tolist() == [200, 100] and _index(tmp_path / "out")[0]["s2_dates"] == [10957 + 3, 10957 + 7]
