@@ -46,7 +46,9 @@ class ShardConfig:
     resample_hr: bool = False  # area-average HR images of another size to hr_size (any ratio) instead of rejecting
 
     def fingerprint(self) -> dict:
-        return {k: getattr(self, k) for k in self.__slots__}
+        # Settings added later enter only when set, so a conversion begun by an earlier version still resumes.
+        added = {"missing_bands": "reject", "cloud_max": None, "resample_hr": False}
+        return {k: getattr(self, k) for k in self.__slots__ if k not in added or getattr(self, k) != added[k]}
 
 
 class StrictStop(Exception):  # noqa: N818 - control flow for --strict

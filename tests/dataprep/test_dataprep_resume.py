@@ -109,3 +109,14 @@ def test_deepspeed_launcher_two_ranks(raw, dataset, tmp_path):
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert tree_bytes(out) == tree_bytes(dataset)
+
+
+def test_fingerprint_of_default_settings_matches_earlier_versions():
+    """A conversion begun before missing_bands / cloud_max / resample_hr existed resumes with their defaults."""
+    from dataprep.shard import ShardConfig
+
+    earlier = {"hr_size": 256, "s2_size": 64, "shard_size": 256, "frames_per_chunk_shard": 64, "codec": "blosc",
+               "clevel": 3, "crop": False, "has_osm": False}  # the keys shards written before 2026-12-01 record
+    assert ShardConfig().fingerprint() == earlier
+    assert ShardConfig(missing_bands="zero").fingerprint() == {**earlier, "missing_bands": "zero"}
+    assert ShardConfig(cloud_max=0.5).fingerprint()["cloud_max"] == 0.5
