@@ -193,6 +193,7 @@ class Metrics:
         self.peak_flops.set(peak * 1e12)
         self._moe_seen: set[tuple[str, str, str, int]] = set()
         self._last_ckpt_s: float | None = None
+        self._resume_s: float | None = None
         self._process = psutil.Process()
         self.port, self.addr = None, addr or bind_address()
         if port > 0:
@@ -255,6 +256,8 @@ class Metrics:
         self._record_memory(rec)
         if self._last_ckpt_s is not None:
             rec["checkpoint_s"], self._last_ckpt_s = self._last_ckpt_s, None
+        if self._resume_s is not None:
+            rec["resume_s"], self._resume_s = self._resume_s, None
         if self.log is not None:
             self.log.write(json.dumps(rec) + "\n")
             self.log.flush()
@@ -294,6 +297,10 @@ class Metrics:
         self.ckpt_total_s.inc(seconds)
         self.ckpts.inc()
         self._last_ckpt_s = seconds
+
+    def resumed(self, seconds: float) -> None:
+        """Loading the checkpoint this run resumed from took `seconds` (logged with the first step's record)."""
+        self._resume_s = seconds
 
     def close(self) -> None:
         if self.log is not None:

@@ -49,4 +49,21 @@ def ignore_in_worker(worker_id: int) -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
+def end_loader_workers() -> None:
+    """SIGKILL this rank's remaining DataLoader workers (its daemonic multiprocessing children).
+
+    They ignore SIGTERM (above), so at interpreter exit multiprocessing's terminate() cannot end them and its join
+    waits forever. A rank leaving on an error (a dead peer in a collective) still holds its loader iterator in the
+    traceback, so the workers are never told to stop: without this the rank, and the job, hang at exit.
+    """
+    import multiprocessing
+
+    # torch's SIGCHLD handler raises in this process when a worker dies by a signal; we are leaving anyway.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in multiprocessing.active_children():
+        if p.daemon:
+            p.kill()
+            p.join(timeout=5)
+
+
 STOP = StopRequest()

@@ -22,7 +22,7 @@ from trainer.meta_arch import SSLMetaArch
 from trainer.metrics import Metrics, PhaseTimer, loader_queue_depth, peak_tflops, step_flops
 from trainer.objectives.centering import Centering
 from trainer.objectives.contrastive import ContrastiveObjective
-from trainer.preempt import STOP, ignore_in_worker
+from trainer.preempt import STOP, end_loader_workers, ignore_in_worker
 from trainer.schedules import Schedules
 
 log = logging.getLogger("trainer")
@@ -147,13 +147,16 @@ class Trainer:
             self.fingerprint = checkpoint.dataset_fingerprint(cfg.data.path)
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot read the dataset {cfg.data.path}: {e}") from None
+        resume_s = None
         if resume and checkpoint.latest_tag(self.ckpt_dir):
+            start = time.perf_counter()
             client = checkpoint.load(self.engine, self.ckpt_dir, rank=self.rank, world_size=self.world,
                                      current=self._run_state(), allow_data_change=cfg.train.allow_data_change,
                                      allow_schedule_change=cfg.train.allow_schedule_change)
             self.step = int(client["step"])
             self.skipped_steps = int(client.get("skipped_steps", 0))
             self.bad_in_row = int(client.get("bad_in_row", 0))
+            resume_s = time.perf_counter() - start
             if self.rank == 0:
                 log.info("resumed from %s at step %d", self.ckpt_dir / checkpoint.tag_for(self.step), self.step)
         self.loader = self._open_data(on_cuda)
@@ -161,6 +164,8 @@ class Trainer:
         self.metrics = Metrics(rank=self.rank, port=port, run_dir=self.run_dir if self.rank == 0 else None,
                                peak=peak_tflops(cfg.metrics.peak_tflops), run=self.run_dir.name,
                                addr=cfg.metrics.addr or None)
+        if resume_s is not None:
+            self.metrics.resumed(resume_s)
         self.flops: dict[tuple[str, str, str], float] = {}  # per (network, view, pass), counted on the first step
         self.history: list[dict] = []
         self.evaluator = InTrainingEval(cfg.eval, self.device) if cfg.eval.every > 0 else None
@@ -332,3 +337,4 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
+        end_loader_workers()

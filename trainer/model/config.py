@@ -22,8 +22,8 @@ class MoEConfig:
     drop_tokens: bool = True
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 0.0
-    # Bias-based balancing (DeepSeek-V3): after each optimizer step every expert's routing bias moves by this rate
-    # towards the mean load (sign of mean - load, counts of the step summed over ranks). 0 = off (aux loss only).
+    # Bias-based balancing (after DeepSeek-V3): after each optimizer step every expert's routing bias moves towards
+    # the mean load by rate x (mean - load) / mean (the step's counts summed over ranks). 0 = off (aux loss only).
     balance_rate: float = 0.0
     ep_size: int = 1
 
