@@ -1,4 +1,4 @@
-"""`python -m dataprep {sample,convert,verify,inspect,bench,bench-scale}`: thin entry point."""
+"""`python -m dataprep {sample,convert,verify,inspect,bench,bench-read,bench-scale}`: thin entry point."""
 
 from __future__ import annotations
 
@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--s2-size", type=int, default=64)
     b.add_argument("--workdir", default=None)
 
+    br = sub.add_parser("bench-read", help="random-crop reads/s: tensorstore beside the hand-written reader")
+    br.add_argument("--sets", type=int, default=32)
+    br.add_argument("--hr-size", type=int, default=512)
+    br.add_argument("--s2-size", type=int, default=64)
+    br.add_argument("--crop", type=int, default=128, help="HR crop edge (px); S2/S1 crops cover the same ground")
+    br.add_argument("--samples", type=int, default=300)
+    br.add_argument("--workdir", default=None, help="keep the dataset here (reused when present)")
+
     bs = sub.add_parser("bench-scale", help="index memory and load time at scale, on a simulated N-row index")
     bs.add_argument("--rows", type=int, default=2_000_000)
     bs.add_argument("--workers", type=int, default=4, help="forked reader processes (DataLoader workers)")
@@ -106,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import bench
 
         return bench(sets=args.sets, hr_size=args.hr_size, s2_size=args.s2_size, workdir=args.workdir)
+    if args.cmd == "bench-read":
+        from .bench import bench_read
+
+        return bench_read(sets=args.sets, hr_size=args.hr_size, s2_size=args.s2_size, crop=args.crop,
+                          samples=args.samples, workdir=args.workdir)
     if args.cmd == "bench-scale":
         from .bench_scale import bench_scale
 

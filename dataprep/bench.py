@@ -75,54 +75,111 @@ def _codec_limit(raw_manifest: str, cfg: ShardConfig) -> tuple[float, int]:
     return time.perf_counter() - t, _cpu() - c, sum(a.nbytes for a in chunks), decode_cpu
 
 
-def _requests(r, hr_size: int, s2_size: int, n: int, seed: int) -> list[tuple]:
-    """n training-like samples: one ground box, cut from HR (half the image) and from 4 S2 / 2 S1 frames."""
+def _requests(r, hr_size: int, s2_size: int, n: int, seed: int, crop_hr: int | None = None) -> list[tuple]:
+    """n training-like samples (i, [(modality, box, frames), ...]): one ground box, cut from HR (crop_hr px,
+    default half the image) and from 4 S2 / 2 S1 frames."""
     rng = np.random.default_rng(seed)
-    crop_hr, crop_s2 = hr_size // 2, s2_size // 2
+    crop_hr = crop_hr or hr_size // 2
+    crop_s2 = crop_hr * s2_size // hr_size
     out = []
     for _ in range(n):
         i = int(rng.integers(len(r)))
         meta = r.meta(i)
         y, x = (int(v) for v in rng.integers(0, hr_size - crop_hr + 1, 2))
         ys, xs = y * s2_size // hr_size, x * s2_size // hr_size
+        reads = []
         if meta["has_hr"]:
-            out.append((i, "hr", (y, x, y + crop_hr, x + crop_hr), None))
+            reads.append(("hr", (y, x, y + crop_hr, x + crop_hr), None))
         for m, k in (("s2", 4), ("s1", 2)):
             t = len(meta[f"{m}_dates"])
             if t:
                 frames = np.sort(rng.choice(t, size=min(t, k), replace=False))
-                out.append((i, m, (ys, xs, ys + crop_s2, xs + crop_s2), frames))
+                reads.append((m, (ys, xs, ys + crop_s2, xs + crop_s2), frames))
+        out.append((i, reads))
+    return out
+
+
+# (name, DatasetReader backend, all reads of a sample in flight at once)
+READERS = (("tensorstore", "tensorstore", True), ("tensorstore_sync", "tensorstore", False),
+           ("direct", "direct", False), ("zarr", "zarr", False))  # fmt: skip
+
+
+def read_rates(root: str, samples: list[tuple], rounds: int = 2, readers=READERS) -> dict:
+    """Samples/s, reads/s and CPU ms per sample (all threads) of each reader over the same samples, interleaved,
+    best of `rounds` (shared machine), and tensorstore / direct in wall time: the maintained library against the
+    hand-written reader."""
+    from .reader import DatasetReader
+
+    n_reads = sum(len(reads) for _, reads in samples)
+    best = {name: float("inf") for name, _, _ in readers}
+    cpu = dict(best)
+    for _ in range(rounds):
+        for name, backend, batched in readers:
+            r = DatasetReader(root, backend=backend)
+            t, c = time.perf_counter(), time.process_time()
+            for i, reads in samples:
+                if batched:
+                    r.read_many(i, reads)
+                else:
+                    for m, box, frames in reads:
+                        r.read(i, m, box, frames)
+            best[name] = min(best[name], time.perf_counter() - t)
+            cpu[name] = min(cpu[name], time.process_time() - c)  # all threads of this process
+    out = {name: {"samples_per_s": round(len(samples) / dt, 1), "reads_per_s": round(n_reads / dt, 1),
+                  "cpu_ms_per_sample": round(1e3 * cpu[name] / len(samples), 3)}
+           for name, dt in best.items()}  # fmt: skip
+    if "tensorstore" in best and "direct" in best:
+        out["tensorstore_vs_direct"] = round(best["direct"] / best["tensorstore"], 3)
     return out
 
 
 def _read_bench(root: str, cfg: ShardConfig, hr_size: int, s2_size: int, seed: int, n: int = 200) -> dict:
-    """Random-crop reads/s through DatasetReader (direct shard reads, and through zarr for comparison), and
-    the read amplification: bytes read (shard indexes included, first touch) / compressed bytes of the chunks."""
+    """Random-crop samples/s through DatasetReader (tensorstore, the hand-written direct reader, zarr), and the
+    read amplification: bytes read (shard indexes included, first touch) / compressed bytes of the chunks."""
     from .reader import DatasetReader
 
-    reqs = _requests(DatasetReader(root), hr_size, s2_size, n, seed)
-    rates = {}
-    for name, fast in (("direct", True), ("zarr", False)):
-        r = DatasetReader(root, fast=fast)
-        t = time.perf_counter()
-        for i, m, box, frames in reqs:
-            r.read(i, m, box, frames)
-        dt = time.perf_counter() - t
-        rates[name] = {"samples_per_s": round(n / dt, 1), "reads_per_s": round(len(reqs) / dt, 1)}
-    r = DatasetReader(root)  # fresh: index reads count on first touch
+    samples = _requests(DatasetReader(root), hr_size, s2_size, n, seed)
+    rates = read_rates(root, samples)
+    r = DatasetReader(root, backend="direct")  # fresh: index reads count on first touch; bytes_read is its own
     amp = {m: [0, 0] for m in ("hr", "s2", "s1")}
-    for i, m, box, frames in reqs:
-        row = r._index.row(i)
-        arrs = r._arrays(row["shard"])
-        before = arrs[m].bytes_read
-        r.read(i, m, box, frames)
-        amp[m][0] += arrs[m].bytes_read - before
-        first = row["row"] if m == "hr" else (row[f"{m}_start"] + frames).tolist()
-        amp[m][1] += _touched_chunk_bytes(root, row["shard"], m, first, box, cfg, hr_size)
+    for i, reads in samples:
+        for m, box, frames in reads:
+            row = r._index.row(i)
+            _, arrs = r._arrays(row["shard"])
+            before = arrs[m].bytes_read
+            r.read(i, m, box, frames)
+            amp[m][0] += arrs[m].bytes_read - before
+            first = row["row"] if m == "hr" else (row[f"{m}_start"] + frames).tolist()
+            amp[m][1] += _touched_chunk_bytes(root, row["shard"], m, first, box, cfg, hr_size)
     return {
         "read_amplification": {m: round(a / b, 4) if b else None for m, (a, b) in amp.items()},
         "random_crop": {**rates, "crop": f"hr {hr_size // 2}px + s2 {s2_size // 2}px x 4 frames + s1 x 2 frames"},
     }
+
+
+def bench_read(sets: int = 32, hr_size: int = 512, s2_size: int = 64, crop: int = 128, samples: int = 300,
+               workdir: str | None = None, seed: int = 0) -> int:
+    """`python -m dataprep bench-read`: random training crops per second, tensorstore beside the hand-written
+    reader (and zarr-python), one process, on a synthetic dataset; prints JSON."""
+    from .sample import write_sample
+
+    tmp = workdir or tempfile.mkdtemp(prefix="dataprep-bench-read-")
+    try:
+        root = os.path.join(tmp, "data")
+        if not os.path.exists(os.path.join(root, "dataset.json")):
+            man = str(write_sample(os.path.join(tmp, "raw"), sets, seed=seed, hr_size=hr_size, s2_size=s2_size))
+            _convert(man, root, ShardConfig(hr_size=hr_size, s2_size=s2_size, shard_size=max(1, sets // 4)), 1)
+        from .reader import DatasetReader
+
+        reqs = _requests(DatasetReader(root), hr_size, s2_size, samples, seed, crop_hr=crop)
+        res = {"sets": sets, "hr_size": hr_size, "s2_size": s2_size, "samples": samples,
+               "crop": f"hr {crop}px + s2 {crop * s2_size // hr_size}px x 4 frames + s1 x 2 frames",
+               **read_rates(root, reqs)}  # fmt: skip
+    finally:
+        if workdir is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(res, indent=1))
+    return 0
 
 
 def _cpu() -> float:

@@ -42,3 +42,7 @@ def _rebuild(kind: str, message: str, path: str, row: int, sid: str) -> Reject:
     r = Reject(kind, message, path)
     r.row, r.id = row, sid
     return r
+
+
+class ChecksumError(ValueError):
+    """A stored chunk or shard index whose crc32c does not match its bytes, or whose bytes do not decode."""

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from . import tsio
 from .index import IndexColumns
 from .schema import DTYPES, N_BANDS, OSM_UNKNOWN
 from .shardio import FastArray, open_fast
+
+_log = logging.getLogger(__name__)
+BACKENDS = ("tensorstore", "direct", "zarr")
 
 
 class DatasetReader:
@@ -23,7 +28,9 @@ class DatasetReader:
     process on first use and never pickled, so the reader can be handed to DataLoader workers (fork or spawn).
     """
 
-    def __init__(self, root: str | os.PathLike, max_open_shards: int = 64, fast: bool = True):
+    def __init__(self, root: str | os.PathLike, max_open_shards: int = 64, backend: str = "tensorstore"):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r}: one of {BACKENDS}")
         self.root = Path(root)
         with open(self.root / "dataset.json") as f:
             self.info: dict = json.load(f)
@@ -34,8 +41,11 @@ class DatasetReader:
         self._map_index()
         self.max_open_shards = max_open_shards
         self._pid = None
-        self._open: dict[int, dict] = {}
-        self.fast = fast  # read dataprep's own shard layout directly (dataprep.shardio); False = through zarr
+        self._open: dict[int, tuple[str, dict]] = {}
+        # "tensorstore" (dataprep.tsio); "direct": the hand-written reader (dataprep.shardio, the reference);
+        # "zarr": zarr-python. A process that cannot run tensorstore reads with "direct" (see _arrays).
+        self.backend = backend
+        self._backend = backend
 
     def _map_index(self) -> None:
         self._index = IndexColumns(self.root)
@@ -59,45 +69,75 @@ class DatasetReader:
         return {k: c[k] for k in ("id", "lon", "lat", "region", "label", "has_hr", "has_osm", "shard", "row",
                                   "s2_dates", "s1_dates")}  # fmt: skip
 
-    def _arrays(self, shard: int) -> dict:
+    def _arrays(self, shard: int) -> tuple[str, dict]:
+        """(backend, name -> array handle) of one shard, opened in this process on first use."""
         pid = os.getpid()
         if self._pid != pid:  # first use in this process (or after a fork): drop inherited handles
             self._open, self._pid = {}, pid
-        arrs = self._open.get(shard)
-        if arrs is None:
+            self._backend = self.backend
+            if self.backend == "tensorstore" and not tsio.usable():
+                _log.warning("pid %d: tensorstore ran in the parent before this process was forked and cannot run "
+                             "here; reading with dataprep.shardio (same bytes, crc32c checked)", pid)
+                self._backend = "direct"
+        got = self._open.get(shard)
+        if got is None:
             path = self.root / "shards" / f"shard-{shard:05d}.zarr"
             names = ("hr", "s2", "s1") + (("osm",) if self.has_osm else ())
-            arrs = {n: open_fast(str(path / n)) for n in names} if self.fast else dict.fromkeys(names)
-            if any(a is None for a in arrs.values()):  # not our exact layout (or fast=False): zarr reads it
-                import zarr
+            if self._backend == "tensorstore":
+                arrs = tsio.open_arrays({n: tsio.kvstore(str(path / n)) for n in names})
+            else:
+                arrs = {n: open_fast(str(path / n)) for n in names} if self._backend == "direct" else {}
+                if len(arrs) < len(names) or any(a is None for a in arrs.values()):  # zarr reads the rest
+                    import zarr
 
-                g = zarr.open_group(path, mode="r", zarr_format=3)
-                arrs = {n: (a if a is not None else g[n]) for n, a in arrs.items()}
+                    g = zarr.open_group(path, mode="r", zarr_format=3)
+                    arrs = {n: (arrs.get(n) or g[n]) for n in names}
             if len(self._open) >= self.max_open_shards:
                 self._open.pop(next(iter(self._open)))
-            self._open[shard] = arrs
-        return arrs
+            got = self._open[shard] = (self._backend, arrs)
+        return got
 
     def read(self, i: int, modality: str, box: tuple[int, int, int, int] | None = None,
              frames: Sequence[int] | None = None) -> np.ndarray:  # fmt: skip
         """Pixels of set i. "hr" -> (3, h, w) uint8; "s2" -> (T, 10, h, w) uint16; "s1" -> (T, 2, h, w) float32;
         "osm" -> (h, w) uint8. box = (y0, x0, y1, x1) in that modality's pixels (None = whole); frames =
         indices into the set's time series (None = all). Reads only the chunks the box/frames touch."""
+        return self.read_many(i, [(modality, box, frames)])[0]
+
+    def read_many(self, i: int, requests: Sequence[tuple]) -> list[np.ndarray]:
+        """Several reads of set i, [(modality, box, frames), ...] as in `read`, all in flight at once (one sample's
+        modalities and frames: tensorstore decodes them concurrently); returns the arrays in request order."""
         c = self._index.row(i)
+        plans = [self._plan(c, *r) for r in requests]
+        todo = [p for p in plans if not isinstance(p, np.ndarray)]
+        if todo:
+            backend, arrs = self._arrays(c["shard"])
+            if backend == "tensorstore":
+                shard = f"{self.root}/shards/shard-{c['shard']:05d}.zarr"
+                futs = [tsio.read_future(arrs[m], first, box) for m, first, box in todo]
+                done = iter(tsio.read_all(futs, [f"{shard}/{m}" for m, _, _ in todo]))
+            else:
+                done = iter([_take(arrs[m], first, box) for m, first, box in todo])
+        out = [p if isinstance(p, np.ndarray) else next(done) for p in plans]
+        return [a[0] if m in ("hr", "osm") and not isinstance(p, np.ndarray) else a
+                for a, p, (m, *_) in zip(out, plans, requests)]  # fmt: skip
+
+    def _plan(self, c: dict, modality: str, box=None, frames=None):
+        """A constant result (np.ndarray) or what to read: (array name, first-axis indices, box)."""
         size = self.s2_size if modality in ("s2", "s1") else self.hr_size
         y0, x0, y1, x1 = box if box is not None else (0, 0, size, size)
         if not (0 <= y0 <= y1 <= size and 0 <= x0 <= x1 <= size):
             raise IndexError(f"box {box} outside a {size}x{size} {modality} image")
-        arrs = self._arrays(c["shard"])
+        box = (int(y0), int(x0), int(y1), int(x1))
         row = c["row"]
         if modality == "hr":
             if not c["has_hr"]:
                 return np.zeros((3, y1 - y0, x1 - x0), np.uint8)
-            return _take(arrs["hr"], np.array([row]), (y0, x0, y1, x1))[0]
+            return "hr", np.array([row]), box
         if modality == "osm":
-            if "osm" not in arrs:  # dataset without label rasters
+            if not self.has_osm:  # dataset without label rasters
                 return np.full((y1 - y0, x1 - x0), OSM_UNKNOWN, np.uint8)
-            return _take(arrs["osm"], np.array([row]), (y0, x0, y1, x1))[0]
+            return "osm", np.array([row]), box
         if modality not in ("s2", "s1"):
             raise KeyError(f"unknown modality {modality!r}")
         n = c[f"n_{modality}"]
@@ -111,7 +151,7 @@ class DatasetReader:
             sel = np.where(sel < 0, sel + n, sel)
         if sel.size == 0:
             return np.zeros((0, N_BANDS[modality], y1 - y0, x1 - x0), DTYPES[modality])
-        return _take(arrs[modality], start + sel, (y0, x0, y1, x1))
+        return modality, start + sel, box
 
 
 def _take(a, first: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:

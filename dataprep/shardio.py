@@ -1,4 +1,7 @@
-"""Direct reads of the zarr shard objects dataprep writes, without zarr's per-read async machinery.
+"""Direct reads of the zarr shard objects dataprep writes: the hand-written reader tensorstore replaced (dataprep.tsio).
+
+Kept as the independent reference the tensorstore reader is tested against, and as the reader of a process
+forked after tensorstore ran in its parent (tensorstore cannot run there; see dataprep.tsio).
 
 Format (zarr v3 `sharding_indexed`, index at the end): inner chunks encoded bytes -> blosc|zstd -> crc32c,
 then an index of (offset, nbytes) uint64 pairs in C order over the object's chunk grid + crc32c of the index.
@@ -15,11 +18,10 @@ from collections import OrderedDict
 import google_crc32c
 import numpy as np
 
+from .errors import ChecksumError
+
+__all__ = ["ChecksumError", "FastArray", "open_fast"]
 MAX_U64 = 2**64 - 1
-
-
-class ChecksumError(ValueError):
-    """A chunk or shard index whose crc32c does not match its bytes."""
 
 
 def _decoder(codecs: list[dict]):

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dataprep.errors import ChecksumError
 from dataprep.reader import DatasetReader
-from dataprep.shardio import ChecksumError
 from trainer.config import DataConfig, RunConfig, grad_accumulation
 from trainer.model.config import IN_CHANS, MODALITIES
 from trainer.views import (
@@ -186,20 +186,24 @@ class PretrainViews(Dataset):
         return spec
 
     def _read(self, i: int, meta: dict, specs: list[dict]) -> dict:
-        """One read per modality: the union of every view's pixel span (and dates), as float32."""
-        out = {}
+        """One read per modality: the union of every view's pixel span (and dates), as float32. The modalities'
+        reads are issued together (DatasetReader.read_many: in flight at once)."""
+        reqs, keys = [], []
         for m in MODALITIES:
             if m == "hr" and not meta["has_hr"] or m != "hr" and specs[0][f"{m}_frames"] is None:
                 continue
             spans = np.array([s[m].span for s in specs])
             box = (int(spans[:, 0].min()), int(spans[:, 1].min()), int(spans[:, 2].max()), int(spans[:, 3].max()))
-            if m == "hr":
-                arr, uniq = self.reader.read(i, m, box=box).astype(np.float32), None
-            else:
-                uniq = np.unique(np.concatenate([s[f"{m}_frames"] for s in specs]))
-                arr = self.reader.read(i, m, box=box, frames=uniq.tolist()).astype(np.float32)
-                if m == "s1":  # resample (average) backscatter as power, not dB: that is multi-looking
-                    arr = db_to_power(arr)
+            uniq = None if m == "hr" else np.unique(np.concatenate([s[f"{m}_frames"] for s in specs]))
+            reqs.append((m, box, None if uniq is None else uniq.tolist()))
+            keys.append((m, box, uniq))
+        out = {}
+        many = getattr(self.reader, "read_many", None)  # stand-in readers (tests) may offer only `read`
+        arrs = many(i, reqs) if many is not None else [self.reader.read(i, *r) for r in reqs]
+        for (m, box, uniq), arr in zip(keys, arrs, strict=True):
+            arr = arr.astype(np.float32)
+            if m == "s1":  # resample (average) backscatter as power, not dB: that is multi-looking
+                arr = db_to_power(arr)
             out[m] = (arr, box[:2], uniq)
         return out
 

@@ -65,6 +65,16 @@ def test_bench_small():
     assert res["convert_1w"]["sets_per_s"] > 0 and res["codec_only"]["sets_per_s"] > 0
 
 
+def test_bench_read_prints_both_readers_and_the_ratio():
+    p = run_dataprep("bench-read", "--sets", "4", "--hr-size", "128", "--s2-size", "32", "--crop", "64",
+                     "--samples", "20", check=0, timeout=300)  # fmt: skip
+    res = json.loads(p.stdout[p.stdout.index("{") :])
+    for name in ("tensorstore", "tensorstore_sync", "direct", "zarr"):
+        assert res[name]["samples_per_s"] > 0 and res[name]["cpu_ms_per_sample"] > 0, res
+    want = res["tensorstore"]["samples_per_s"] / res["direct"]["samples_per_s"]
+    assert abs(res["tensorstore_vs_direct"] - want) < 0.02 * want + 0.01, res
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_progress_and_rows_counter_advance_per_set(raw, tmp_path, monkeypatch, workers):
     """Issue 11: the bar and `dataprep_rows_total` move per set, not per shard (12 rows in shards of 6); with pool

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from dataprep.errors import ChecksumError
 from dataprep.reader import DatasetReader
-from dataprep.shardio import ChecksumError
 from trainer.config import DataConfig
 from trainer.data import PretrainViews, ResumableSampler
 
@@ -35,8 +35,10 @@ def corrupt(dataset, tmp_path):
     b = bytearray(obj.read_bytes())
     b[100:116] = bytes(x ^ 0xFF for x in b[100:116])  # the chunk's compressed bytes (its index is at the end)
     obj.write_bytes(bytes(b))
-    with pytest.raises(ChecksumError, match="hr/c.*chunk 0 checksum mismatch"):  # a clear error in the reader
-        DatasetReader(d).read(i, "hr")
+    with pytest.raises(ChecksumError, match=r"shard-00001.zarr/hr: corrupt chunk .*hr/c\.\d+\.0\.0\.0"):
+        DatasetReader(d).read(i, "hr")  # a clear error in the reader (tensorstore), naming the array and object
+    with pytest.raises(ChecksumError, match=r"hr/c\.\d+\.0\.0\.0: chunk 0 checksum mismatch"):
+        DatasetReader(d, backend="direct").read(i, "hr")  # and in the reference reader
     return d, i
 
 

@@ -49,7 +49,7 @@ def test_shards_without_dimension_names_still_read(dataset, tmp_path):
         meta.write_text(json.dumps(j))
         n += 1
     assert n >= 3 * 7
-    new, old, old_zarr = DatasetReader(dataset), DatasetReader(d), DatasetReader(d, fast=False)
+    new, old, old_zarr = DatasetReader(dataset), DatasetReader(d), DatasetReader(d, backend="zarr")
     for i in range(len(new)):
         for m in ("hr", "s2", "s1", "osm"):
             want = new.read(i, m)
