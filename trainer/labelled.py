@@ -351,7 +351,9 @@ def _multilabel_folder(root: Path, samples, modality, bands, size, resize_mode) 
 def _dataprep_dataset(root: Path, modality, size, resize_mode) -> LabelledImages:
     from dataprep.reader import DatasetReader
 
-    r = DatasetReader(root)
+    # The hand-written reader, not tensorstore: this runs in the trainer's main process (InTrainingEval) before
+    # the training loader forks its workers, and a process forked after tensorstore ran cannot use tensorstore.
+    r = DatasetReader(root, backend="direct")
     meta = [r.meta(i) for i in range(len(r))]
     rows = [i for i, m in enumerate(meta) if m["label"] >= 0]
     if not rows:
