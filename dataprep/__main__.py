@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--crop", type=int, default=128, help="HR crop edge (px); S2/S1 crops cover the same ground")
     br.add_argument("--samples", type=int, default=300)
     br.add_argument("--workdir", default=None, help="keep the dataset here (reused when present)")
+    br.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the best is reported")
+    br.add_argument("--s3", action="store_true", help="also from a moto S3 server on loopback (moto[server])")
 
     bs = sub.add_parser("bench-scale", help="index memory and load time at scale, on a simulated N-row index")
     bs.add_argument("--rows", type=int, default=2_000_000)
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import bench_read
 
         return bench_read(sets=args.sets, hr_size=args.hr_size, s2_size=args.s2_size, crop=args.crop,
-                          samples=args.samples, workdir=args.workdir)
+                          samples=args.samples, workdir=args.workdir, rounds=args.rounds, s3=args.s3)
     if args.cmd == "bench-scale":
         from .bench_scale import bench_scale
 

@@ -105,27 +105,33 @@ READERS = (("tensorstore", "tensorstore", True), ("tensorstore_sync", "tensorsto
 
 
 def read_rates(root: str, samples: list[tuple], rounds: int = 2, readers=READERS) -> dict:
-    """Samples/s, reads/s and CPU ms per sample (all threads) of each reader over the same samples, interleaved,
-    best of `rounds` (shared machine), and tensorstore / direct in wall time: the maintained library against the
-    hand-written reader."""
+    """Samples/s, reads/s, decoded MB/s and CPU ms per sample (all threads) of each reader over the same samples,
+    interleaved, best of `rounds` (shared machine), and tensorstore / direct in wall time: the maintained library
+    against the hand-written reader. root: a dataset folder or s3://bucket/prefix. Steady state, as in a long run:
+    each reader first reads the samples once untimed (shards opened, shard indexes cached; chunks are not)."""
     from .reader import DatasetReader
 
     n_reads = sum(len(reads) for _, reads in samples)
     best = {name: float("inf") for name, _, _ in readers}
-    cpu = dict(best)
+    cpu, nbytes = dict(best), dict.fromkeys(best, 0)
+    opened = {name: DatasetReader(root, backend=backend) for name, backend, _ in readers}
+    for r in opened.values():
+        for i, reads in samples:
+            r.read_many(i, reads)
     for _ in range(rounds):
-        for name, backend, batched in readers:
-            r = DatasetReader(root, backend=backend)
-            t, c = time.perf_counter(), time.process_time()
+        for name, _, batched in readers:
+            r = opened[name]
+            t, c, nb = time.perf_counter(), time.process_time(), 0
             for i, reads in samples:
                 if batched:
-                    r.read_many(i, reads)
+                    nb += sum(a.nbytes for a in r.read_many(i, reads))
                 else:
-                    for m, box, frames in reads:
-                        r.read(i, m, box, frames)
+                    nb += sum(r.read(i, m, box, frames).nbytes for m, box, frames in reads)
             best[name] = min(best[name], time.perf_counter() - t)
             cpu[name] = min(cpu[name], time.process_time() - c)  # all threads of this process
+            nbytes[name] = nb
     out = {name: {"samples_per_s": round(len(samples) / dt, 1), "reads_per_s": round(n_reads / dt, 1),
+                  "decoded_MB_per_s": round(nbytes[name] / dt / 1e6, 1),
                   "cpu_ms_per_sample": round(1e3 * cpu[name] / len(samples), 3)}
            for name, dt in best.items()}  # fmt: skip
     if "tensorstore" in best and "direct" in best:
@@ -158,9 +164,10 @@ def _read_bench(root: str, cfg: ShardConfig, hr_size: int, s2_size: int, seed: i
 
 
 def bench_read(sets: int = 32, hr_size: int = 512, s2_size: int = 64, crop: int = 128, samples: int = 300,
-               workdir: str | None = None, seed: int = 0) -> int:
+               workdir: str | None = None, seed: int = 0, rounds: int = 3, s3: bool = False) -> int:
     """`python -m dataprep bench-read`: random training crops per second, tensorstore beside the hand-written
-    reader (and zarr-python), one process, on a synthetic dataset; prints JSON."""
+    reader (and zarr-python), one process, on a synthetic dataset; prints JSON. s3: also through tensorstore's s3
+    kvstore from a moto server on loopback (a separate process; needs moto[server])."""
     from .sample import write_sample
 
     tmp = workdir or tempfile.mkdtemp(prefix="dataprep-bench-read-")
@@ -174,12 +181,33 @@ def bench_read(sets: int = 32, hr_size: int = 512, s2_size: int = 64, crop: int 
         reqs = _requests(DatasetReader(root), hr_size, s2_size, samples, seed, crop_hr=crop)
         res = {"sets": sets, "hr_size": hr_size, "s2_size": s2_size, "samples": samples,
                "crop": f"hr {crop}px + s2 {crop * s2_size // hr_size}px x 4 frames + s1 x 2 frames",
-               **read_rates(root, reqs)}  # fmt: skip
+               **read_rates(root, reqs, rounds)}  # fmt: skip
+        if s3:
+            res["s3_moto_loopback"] = _s3_rates(root, reqs, rounds)
     finally:
         if workdir is None:
             shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(res, indent=1))
     return 0
+
+
+def _s3_rates(root: str, reqs: list[tuple], rounds: int) -> dict:
+    from . import remote
+
+    keys = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in (*keys, "AWS_ENDPOINT_URL")}
+    try:
+        with remote.local_s3_server() as endpoint:
+            os.environ.update(keys, AWS_ENDPOINT_URL=endpoint)
+            remote.upload(root, "s3://bench/data", endpoint)
+            readers = (("tensorstore", "tensorstore", True), ("tensorstore_sync", "tensorstore", False))
+            return {"endpoint": endpoint, **read_rates("s3://bench/data", reqs, rounds, readers)}
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _cpu() -> float:

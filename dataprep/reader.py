@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import tsio
+from . import remote, tsio
 from .index import IndexColumns
 from .schema import DTYPES, N_BANDS, OSM_UNKNOWN
 from .shardio import FastArray, open_fast
@@ -31,7 +31,11 @@ class DatasetReader:
     def __init__(self, root: str | os.PathLike, max_open_shards: int = 64, backend: str = "tensorstore"):
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r}: one of {BACKENDS}")
-        self.root = Path(root)
+        # s3://bucket/prefix: shards read in place through tensorstore; metadata from a local mirror (remote.py)
+        self.url = str(root) if remote.is_url(root) else None
+        if self.url and backend != "tensorstore":
+            raise ValueError(f"{root}: object storage is read through tensorstore only, not backend={backend!r}")
+        self.root = remote.mirror(self.url) if self.url else Path(root)
         with open(self.root / "dataset.json") as f:
             self.info: dict = json.load(f)
         self.stats: dict = {m: {"mean": v["mean"], "std": v["std"]} for m, v in self.info["stats"].items()}
@@ -76,6 +80,10 @@ class DatasetReader:
             self._open, self._pid = {}, pid
             self._backend = self.backend
             if self.backend == "tensorstore" and not tsio.usable():
+                if self.url:
+                    raise RuntimeError(f"{self.url}: tensorstore ran in the parent before this process was forked, "
+                                       "so it cannot run here and object storage has no other reader: read no "
+                                       "pixels in the parent before forking, or start workers with spawn/forkserver")
                 _log.warning("pid %d: tensorstore ran in the parent before this process was forked and cannot run "
                              "here; reading with dataprep.shardio (same bytes, crc32c checked)", pid)
                 self._backend = "direct"
@@ -84,7 +92,9 @@ class DatasetReader:
             path = self.root / "shards" / f"shard-{shard:05d}.zarr"
             names = ("hr", "s2", "s1") + (("osm",) if self.has_osm else ())
             if self._backend == "tensorstore":
-                arrs = tsio.open_arrays({n: tsio.kvstore(str(path / n)) for n in names})
+                rel = f"shards/shard-{shard:05d}.zarr"
+                arrs = tsio.open_arrays({n: remote.kvstore(self.url, f"{rel}/{n}") if self.url else
+                                         tsio.kvstore(str(path / n)) for n in names})  # fmt: skip
             else:
                 arrs = {n: open_fast(str(path / n)) for n in names} if self._backend == "direct" else {}
                 if len(arrs) < len(names) or any(a is None for a in arrs.values()):  # zarr reads the rest
@@ -113,7 +123,7 @@ class DatasetReader:
         if todo:
             backend, arrs = self._arrays(c["shard"])
             if backend == "tensorstore":
-                shard = f"{self.root}/shards/shard-{c['shard']:05d}.zarr"
+                shard = f"{self.url or self.root}/shards/shard-{c['shard']:05d}.zarr"
                 futs = [tsio.read_future(arrs[m], first, box) for m, first, box in todo]
                 done = iter(tsio.read_all(futs, [f"{shard}/{m}" for m, _, _ in todo]))
             else:

@@ -41,6 +41,11 @@ def usable() -> bool:
     return not _state["inherited"]
 
 
+def ran_here() -> bool:
+    """True once tensorstore has run in this very process."""
+    return _state["used_in"] == os.getpid()
+
+
 def _ts():
     try:
         import tensorstore as ts

@@ -37,7 +37,9 @@ def dataset_fingerprint(root: str | Path) -> dict:
     the index and is a few KB to MB even at 21M rows; reading it is one seek. File times are left out on purpose: a
     copy to a node's local disk keeps the bytes but not the mtime. Shards are not read (300 TB).
     """
-    root = Path(root)
+    from dataprep import remote
+
+    root = remote.mirror(root) if remote.is_url(root) else Path(root)  # s3://...: the fetched metadata files
     meta = (root / "dataset.json").read_bytes()
     index = root / "index.parquet"
     size = index.stat().st_size

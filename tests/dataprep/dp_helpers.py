@@ -39,3 +39,40 @@ def convert_inproc(manifest: Path, out: Path, **kw) -> int:
     shard_kw = {k: kw.pop(k) for k in list(kw) if k in ShardConfig.__slots__}
     shard = ShardConfig(**{"hr_size": HR, "s2_size": S2, "shard_size": 5, "frames_per_chunk_shard": 8, **shard_kw})
     return convert(ConvertConfig(manifest=str(manifest), out=str(out), shard=shard, progress=False, **kw))
+
+
+SIZES = {"hr": HR, "osm": HR, "s2": S2, "s1": S2}
+
+
+def random_request(rng, r, i: int, m: str) -> tuple:
+    """A random (modality, box, frames) read of set i: whole, thin, empty and random boxes; all, none, contiguous,
+    negative, unsorted and repeated frames."""
+    size = SIZES[m]
+    kind = rng.integers(4)
+    if kind == 0:
+        box = None  # whole image
+    elif kind == 1:  # one pixel row or column, or an empty box
+        y0, x0 = (int(v) for v in rng.integers(0, size, 2))
+        box = (y0, x0, y0 + int(rng.integers(0, 2)), size)
+    else:
+        y0, x0 = (int(v) for v in rng.integers(0, size - 1, 2))
+        box = (y0, x0, int(rng.integers(y0 + 1, size + 1)), int(rng.integers(x0 + 1, size + 1)))
+    if m not in ("s2", "s1"):
+        return m, box, None
+    n = len(r.meta(i)[f"{m}_dates"])
+    pick = rng.integers(6)
+    if n == 0 or pick == 0:
+        frames = None  # all
+    elif pick == 1:
+        frames = []
+    elif pick == 2:  # contiguous run
+        a = int(rng.integers(n))
+        frames = list(range(a, int(rng.integers(a + 1, n + 1))))
+    elif pick == 3:  # negative indices
+        frames = [-1, -n] if n > 1 else [-1]
+    elif pick == 4:  # unsorted, non-contiguous
+        frames = rng.permutation(n)[: min(n, 4)].tolist()
+    else:  # sorted, with a repeat
+        f = sorted(rng.choice(n, size=min(n, 3), replace=False).tolist())
+        frames = f + f[-1:]
+    return m, box, frames

@@ -15,41 +15,7 @@ import tensorstore as ts
 from dataprep.errors import ChecksumError
 from dataprep.reader import DatasetReader
 from dataprep.shardio import FastArray
-from tests.dataprep.dp_helpers import HR, REPO, S2
-
-SIZES = {"hr": HR, "osm": HR, "s2": S2, "s1": S2}
-
-
-def _random_request(rng, r: DatasetReader, i: int, m: str) -> tuple:
-    size = SIZES[m]
-    kind = rng.integers(4)
-    if kind == 0:
-        box = None  # whole image
-    elif kind == 1:  # one pixel row or column, or an empty box
-        y0, x0 = (int(v) for v in rng.integers(0, size, 2))
-        box = (y0, x0, y0 + int(rng.integers(0, 2)), size)
-    else:
-        y0, x0 = (int(v) for v in rng.integers(0, size - 1, 2))
-        box = (y0, x0, int(rng.integers(y0 + 1, size + 1)), int(rng.integers(x0 + 1, size + 1)))
-    if m not in ("s2", "s1"):
-        return m, box, None
-    n = len(r.meta(i)[f"{m}_dates"])
-    pick = rng.integers(6)
-    if n == 0 or pick == 0:
-        frames = None  # all
-    elif pick == 1:
-        frames = []
-    elif pick == 2:  # contiguous run
-        a = int(rng.integers(n))
-        frames = list(range(a, int(rng.integers(a + 1, n + 1))))
-    elif pick == 3:  # negative indices
-        frames = [-1, -n] if n > 1 else [-1]
-    elif pick == 4:  # unsorted, non-contiguous
-        frames = rng.permutation(n)[: min(n, 4)].tolist()
-    else:  # sorted, with a repeat
-        f = sorted(rng.choice(n, size=min(n, 3), replace=False).tolist())
-        frames = f + f[-1:]
-    return m, box, frames
+from tests.dataprep.dp_helpers import HR, REPO, S2, random_request
 
 
 def test_tensorstore_reader_equals_old_reader_on_every_box_and_frame_selection(dataset):
@@ -63,7 +29,7 @@ def test_tensorstore_reader_equals_old_reader_on_every_box_and_frame_selection(d
         assert backend == "tensorstore" and all(isinstance(a, ts.TensorStore) for a in arrs.values())
         assert all(isinstance(a, FastArray) for a in old._arrays(old.meta(i)["shard"])[1].values())
         for _ in range(6):
-            reqs = [_random_request(rng, new, i, m) for m in ("hr", "osm", "s2", "s1", "s2")]
+            reqs = [random_request(rng, new, i, m) for m in ("hr", "osm", "s2", "s1", "s2")]
             want = [old.read(i, *q) for q in reqs]
             for q, a, b, c in zip(reqs, new.read_many(i, reqs), [new.read(i, *q) for q in reqs], want):
                 assert c.dtype == a.dtype == b.dtype and a.shape == b.shape == c.shape, (i, q)

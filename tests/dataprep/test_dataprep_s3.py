@@ -1,0 +1,127 @@
+"""Training reads from object storage: `s3://bucket/prefix` through tensorstore's s3 kvstore, against a real moto
+S3 server on loopback (a separate process), compared with the local dataset read by the hand-written reader."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from dataprep import remote
+from dataprep.errors import ChecksumError
+from dataprep.reader import DatasetReader
+from tests.dataprep.dp_helpers import REPO, random_request
+
+pytest.importorskip("moto.server", reason="moto[server] (the test extra) runs the loopback S3 server")
+URL = "s3://bkt/sets/v1"
+
+
+@pytest.fixture(scope="module")
+def s3(dataset, tmp_path_factory):
+    """(endpoint, environment) of a moto server holding the test dataset at URL."""
+    tmp = tmp_path_factory.mktemp("s3")
+    (tmp / "aws").write_text("")
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+           "AWS_CONFIG_FILE": str(tmp / "aws"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp / "aws"),
+           "DATAPREP_INDEX_CACHE": str(tmp / "cache")}  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp, remote.local_s3_server() as endpoint:
+        for k, v in {**env, "AWS_ENDPOINT_URL": endpoint}.items():
+            mp.setenv(k, v)
+        assert remote.upload(dataset, URL, endpoint) > 10
+        yield endpoint, {**env, "AWS_ENDPOINT_URL": endpoint}
+
+
+def test_s3_reads_equal_local_reads(dataset, s3):
+    r, local = DatasetReader(URL), DatasetReader(dataset, backend="direct")
+    assert r.url == URL and r.root != dataset and len(r) == len(local) and r.stats == local.stats
+    rng = np.random.default_rng(3)
+    for i in range(len(r)):
+        assert {k: np.asarray(v).tolist() for k, v in r.meta(i).items()} == \
+               {k: np.asarray(v).tolist() for k, v in local.meta(i).items()}  # fmt: skip
+        reqs = [random_request(rng, r, i, m) for m in ("hr", "osm", "s2", "s1", "s2", "s1")]
+        for q, a in zip(reqs, r.read_many(i, reqs)):
+            b = local.read(i, *q)
+            assert a.dtype == b.dtype and np.array_equal(a, b), (i, q)
+
+
+def test_checkpoint_fingerprint_of_s3_dataset_equals_local(dataset, s3):
+    from trainer.checkpoint import dataset_fingerprint
+
+    assert dataset_fingerprint(URL) == dataset_fingerprint(dataset)
+
+
+def test_metadata_mirror_is_fetched_again_only_when_it_changed(dataset, s3):
+    import boto3
+
+    endpoint, _ = s3
+    url = "s3://bkt/sets/changing"
+    remote.upload(dataset, url, endpoint)
+    d = DatasetReader(url).root
+    stamp = {n: (d / n).stat().st_mtime_ns for n in remote.META_FILES}
+    assert DatasetReader(url).root == d and {n: (d / n).stat().st_mtime_ns for n in remote.META_FILES} == stamp
+    info = json.loads((dataset / "dataset.json").read_text())
+    info["note"] = "rewritten"
+    c = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    c.put_object(Bucket="bkt", Key="sets/changing/dataset.json", Body=json.dumps(info).encode())
+    r = DatasetReader(url)
+    assert r.info["note"] == "rewritten" and (d / "index.parquet").stat().st_mtime_ns == stamp["index.parquet"]
+
+
+def test_missing_dataset_and_local_only_backend_are_clear_errors(s3):
+    with pytest.raises(FileNotFoundError, match=r"s3://bkt/nothing/here/dataset.json: no such object"):
+        DatasetReader("s3://bkt/nothing/here")
+    with pytest.raises(ValueError, match="tensorstore only"):
+        DatasetReader(URL, backend="direct")
+
+
+def test_corrupt_object_on_s3_is_a_checksum_error(dataset, s3):
+    import boto3
+
+    endpoint, _ = s3
+    url = "s3://bkt/sets/corrupt"
+    remote.upload(dataset, url, endpoint)
+    r = DatasetReader(url)
+    i = next(j for j in range(len(r)) if r.meta(j)["has_hr"])
+    key = f"sets/corrupt/shards/shard-{r.meta(i)['shard']:05d}.zarr/hr/c.{r.meta(i)['row']}.0.0.0"
+    c = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    b = bytearray(c.get_object(Bucket="bkt", Key=key)["Body"].read())
+    b[len(b) // 2] ^= 0xFF
+    c.put_object(Bucket="bkt", Key=key, Body=bytes(b))
+    with pytest.raises(ChecksumError, match="sets/corrupt/shards/.*/hr: corrupt chunk"):
+        r.read(i, "hr")
+
+
+LOADER = """
+    import numpy as np, torch
+    from torch.utils.data import DataLoader
+    from trainer.config import DataConfig
+    from trainer.data import PretrainViews, ResumableSampler
+    cfg = DataConfig(path={url!r}, local_crops=1, photometric=False, num_workers=2)
+    ds = PretrainViews({url!r}, cfg)  # opens the dataset in this (parent) process: metadata only
+    sampler = ResumableSampler(global_batch=4, micro_batch=4, rank=0, world_size=1)
+    loader = DataLoader(ds, batch_size=4, sampler=sampler, num_workers=2, multiprocessing_context="fork")
+    ref = PretrainViews({local!r}, cfg)
+    for k, batch in zip(range(3), loader):
+        for j, q in enumerate(sampler.positions(k)):
+            want = ref[q]
+            assert batch["index"][j] == want["index"]
+            for v in range(2):
+                for m in ("hr", "s2", "s1"):
+                    assert np.array_equal(batch["views"][v][m][j].numpy(), want["views"][v][m]), (k, j, v, m)
+    print("ok")
+"""
+
+
+def test_dataloader_fork_workers_read_s3(dataset, s3):
+    """The training loader's forked workers open their own tensorstore handles on S3 (the parent fetched the
+    metadata in a child process, so it never ran tensorstore itself) and cut the same samples as a local copy."""
+    _, env = s3
+    p = subprocess.run([sys.executable, "-c", textwrap.dedent(LOADER.format(url=URL, local=str(dataset)))],
+                       cwd=REPO, env={**os.environ, **env, "PYTHONPATH": str(REPO)},
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
