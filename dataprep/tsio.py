@@ -88,10 +88,7 @@ def read_future(a, first: np.ndarray, box: tuple[int, int, int, int]):
     """Start reading a[first, ..., y0:y1, x0:x1]; returns a future (finish with `result`). first: (K,) int64."""
     y0, x0, y1, x1 = box
     mid = (slice(None),) * (a.rank - 3)
-    if len(first) == 1:
-        f = int(first[0])
-        return a[(slice(f, f + 1), *mid, slice(y0, y1), slice(x0, x1))].read()
-    if np.all(np.diff(first) == 1):  # contiguous frames: one slice
+    if np.all(np.diff(first) == 1):  # one element or contiguous frames: a plain slice
         return a[(slice(int(first[0]), int(first[-1]) + 1), *mid, slice(y0, y1), slice(x0, x1))].read()
     return a.oindex[(np.asarray(first, np.int64), *mid, slice(y0, y1), slice(x0, x1))].read()
 
