@@ -4,6 +4,8 @@ position (deterministically), counts it in batch["skipped_corrupt"] and goes on.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from dataprep.errors import ChecksumError
 from dataprep.reader import DatasetReader
+from tests.dataprep.dp_helpers import REPO
 from trainer.config import DataConfig
 from trainer.data import PretrainViews, ResumableSampler
 
@@ -60,8 +63,7 @@ def test_corrupt_sample_replaced_by_next_position(dataset, corrupt):
     assert p < n
 
 
-def test_loader_with_workers_counts_and_goes_on(dataset, corrupt):
-    d, i = corrupt
+def loader_counts_and_goes_on(d, i: int) -> None:
     cfg = DataConfig(path=str(d), local_crops=0, photometric=False, num_workers=2)
     ds = PretrainViews(str(d), cfg)
     n = len(ds)
@@ -77,3 +79,20 @@ def test_loader_with_workers_counts_and_goes_on(dataset, corrupt):
         got_index += batch["index"].tolist()
     assert got_skips == want_skips and sum(want_skips) >= 1
     assert i not in got_index
+
+
+def test_loader_with_workers_counts_and_goes_on(dataset, corrupt):
+    """In this process tensorstore has run before the workers fork: they read with the reference reader."""
+    loader_counts_and_goes_on(*corrupt)
+
+
+def test_loader_with_tensorstore_workers_counts_and_goes_on(corrupt):
+    """A fresh parent that reads no pixels: the forked workers read with tensorstore (no fallback warning) and
+    skip and count the corrupt sample alike."""
+    d, i = corrupt
+    code = ("import logging; logging.basicConfig(level=logging.WARNING)\n"
+            "from tests.dataprep.test_dataprep_train_skip import loader_counts_and_goes_on\n"
+            f"loader_counts_and_goes_on({str(d)!r}, {i})\nprint('ok')")  # fmt: skip
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-3000:]
+    assert "corrupt sample skipped" in p.stderr and "reading with dataprep.shardio" not in p.stderr, p.stderr[-3000:]
