@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=12, help="steps per run (the first 2 are not timed)")
     p.add_argument("--micro-batch", type=int, default=4, help="samples per rank per step")
-    p.add_argument("--data", type=Path, default=None, help="a dataprep dataset (default: 64 synthetic sets)")
+    p.add_argument("--data", type=Path, default=None, help="a dataprep dataset (default: 32 synthetic sets)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = p.parse_args(argv)
     if args.steps < 6:
