@@ -1,4 +1,4 @@
-"""`python -m dataprep {sample,convert,verify,inspect,bench,bench-read,bench-scale}`: thin entry point."""
+"""`python -m dataprep {sample,convert,ingest-ssl4eo,verify,inspect,bench,bench-read,bench-scale}`: thin entry point."""
 
 from __future__ import annotations
 
@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--world-size", type=int, default=_env_int("WORLD_SIZE", 1))
     c.add_argument("--metrics-port", type=int, default=None)
     c.add_argument("--no-progress", action="store_true")
+
+    ig = sub.add_parser("ingest-ssl4eo", help="SSL4EO-S12 v1.1 WebDataset tars -> a manifest for convert")
+    ig.add_argument("--tar", action="append", required=True, help="a shard (S2L1C, S2L2A or S1GRD); repeatable")
+    ig.add_argument("--out", required=True, help="folder for manifest.jsonl (paths in it are relative to it)")
 
     v = sub.add_parser("verify", help="read every chunk and cross-check the index against the stores")
     v.add_argument("dir")
@@ -103,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
                             rank=args.rank, world_size=args.world_size, strict=args.strict,
                             progress=not args.no_progress, metrics_port=args.metrics_port)  # fmt: skip
         return convert(cfg)
+    if args.cmd == "ingest-ssl4eo":
+        from .ssl4eo import ingest
+
+        man, counts = ingest(args.tar, args.out)
+        print(man)
+        print(" ".join(f"{k}={v}" for k, v in counts.items()), file=sys.stderr)
+        return 0
     if args.cmd == "verify":
         from .verify import verify
 

@@ -18,6 +18,8 @@ import numpy as np
 
 from .errors import Reject
 from .schema import EPOCH, S1_BANDS, S2_BANDS, normalise_band_name
+from .ssl4eo import SUFFIX as SSL4EO_SUFFIX
+from .ssl4eo import read_ssl4eo
 
 MISSING_POLICIES = ("reject", "zero")
 S1_UNITS = ("db", "power", "openeo_u16")
@@ -42,6 +44,11 @@ class CubeSpec:
     dates: str | list[str] | None = None  # per array: a dataset of product names / ISO dates (else its time axis)
     bands: list[str] | None = None  # band names of an array's C axis (default: SkySense order)
     duplicates: str = "reject"  # a day twice: "reject" the row or keep the "first" frame of that day
+    # SSL4EO-S12 v1.1 (dataprep/ssl4eo.py): a zipped Zarr v2 store, alone or a member of a WebDataset tar
+    member: str | None = None  # tar member name (`<key>.zarr.zip`); None: `path` is the .zarr.zip itself
+    offset: int | None = None  # member's data offset and size in the tar (recorded by ingest-ssl4eo)
+    size: int | None = None
+    sample: int | None = None  # index along a store's sample axis (64-sample files); default 0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -62,7 +69,7 @@ class Series:
 def parse_cube(d: dict, path: str, mod: str) -> CubeSpec:
     """A manifest cube object (path already resolved) -> CubeSpec; raises Reject("malformed_row")."""
     known = {"cube", "variables", "missing_bands", "scale", "units", "nodata", "scl", "array", "dates", "bands",
-             "duplicates"}  # fmt: skip
+             "duplicates", "member", "offset", "size", "sample"}  # fmt: skip
     extra = sorted(set(d) - known)
     if extra:
         raise Reject("malformed_row", f"{mod}: unknown cube keys {extra}")
@@ -81,12 +88,19 @@ def parse_cube(d: dict, path: str, mod: str) -> CubeSpec:
         if v is not None and not (isinstance(v, str) and k != "bands" or
                                   isinstance(v, list) and all(isinstance(x, str) for x in v)):
             raise Reject("malformed_row", f"{mod}: {k} must be a name or a list of names, got {v!r}")
+    if d.get("member") is not None and not isinstance(d["member"], str):
+        raise Reject("malformed_row", f"{mod}: member must be a tar member name, got {d['member']!r}")
+    for k in ("offset", "size", "sample"):
+        if d.get(k) is not None and (not isinstance(d[k], int) or isinstance(d[k], bool) or d[k] < 0):
+            raise Reject("malformed_row", f"{mod}: {k} must be a non-negative int, got {d[k]!r}")
     if d.get("duplicates", "reject") not in ("reject", "first"):
         raise Reject("malformed_row", f"{mod}: duplicates must be 'reject' or 'first'")
     variables = {normalise_band_name(k): v for k, v in var.items()} if var else None
     return CubeSpec(path=path, variables=variables, missing_bands=d.get("missing_bands"), scale=d.get("scale"),
                     units=d.get("units"), nodata=d.get("nodata"), scl=d.get("scl"), array=d.get("array"),
-                    dates=d.get("dates"), bands=d.get("bands"), duplicates=d.get("duplicates", "reject"))  # fmt: skip
+                    dates=d.get("dates"), bands=d.get("bands"), duplicates=d.get("duplicates", "reject"),
+                    member=d.get("member"), offset=d.get("offset"), size=d.get("size"),
+                    sample=d.get("sample"))  # fmt: skip
 
 
 def _attr(ds, name):
@@ -285,17 +299,21 @@ def load_cube(spec: CubeSpec, mod: str, size: int, crop: bool = False, missing_d
     S1 (T, 2, size, size) float32 dB. No-data pixels are stored as 0 and flagged in `nodata`."""
     bands = S2_BANDS if mod == "s2" else S1_BANDS
     policy = spec.missing_bands or missing_default
-    with _open(spec.path) as f:
-        read = _read_arrays if spec.array is not None else _read_variables
-        vals, nodata, dates, scl, missing = read(f, spec, mod, bands, policy)
+    if spec.member is not None or spec.path.lower().endswith(SSL4EO_SUFFIX):
+        vals, nodata, dates, scl, missing = read_ssl4eo(spec, mod, bands, policy)  # scl: a cloud mask (bool)
+    else:
+        with _open(spec.path) as f:
+            read = _read_arrays if spec.array is not None else _read_variables
+            vals, nodata, dates, scl, missing = read(f, spec, mod, bands, policy)
     T = len(dates)
     cloud, cloudy = np.full(T, np.nan, np.float32), None
     nodata = _fit(nodata, size, crop, spec.path)
     if scl is not None:
         scl = _fit(scl, size, crop, spec.path)
-        nodata = nodata | np.isin(scl, SCL_NODATA)
+        if scl.dtype != bool:  # SCL classes; a bool array is a cloud mask already
+            nodata = nodata | np.isin(scl, SCL_NODATA)
         n_data = (~nodata).sum((1, 2))
-        cloudy = np.isin(scl, SCL_CLOUD) & ~nodata
+        cloudy = (scl if scl.dtype == bool else np.isin(scl, SCL_CLOUD)) & ~nodata
         n_cloud = cloudy.sum((1, 2))
         cloud = np.where(n_data > 0, n_cloud / np.maximum(n_data, 1), 1.0).astype(np.float32)
     out = np.zeros((T, len(bands), size, size), np.uint16 if mod == "s2" else np.float32)
