@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="convert a manifest into a sharded Zarr dataset")
     c.add_argument("--manifest", required=True)
-    c.add_argument("--out", required=True)
+    c.add_argument("--out", required=True, help="a folder, or s3://bucket/prefix (AWS_* environment; docs/dataprep.md)")
+    c.add_argument("--stage", default=None, help="--out s3://...: local staging folder of the shards before upload")
+    c.add_argument("--keep-stage", action="store_true", help="--out s3://...: keep uploaded shards in the stage")
     c.add_argument("--root", default=None, help="reject any path that resolves outside this directory")
     c.add_argument("--workers", type=int, default=1)
     c.add_argument("--shard-size", type=int, default=256)
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                             cloud_max=args.cloud_max, resample_hr=args.resample_hr)  # fmt: skip
         cfg = ConvertConfig(manifest=args.manifest, out=args.out, root=args.root, shard=shard, workers=args.workers,
                             rank=args.rank, world_size=args.world_size, strict=args.strict,
-                            progress=not args.no_progress, metrics_port=args.metrics_port)  # fmt: skip
+                            progress=not args.no_progress, metrics_port=args.metrics_port, stage=args.stage,
+                            keep_stage=args.keep_stage)  # fmt: skip
         return convert(cfg)
     if args.cmd == "ingest-ssl4eo":
         from .ssl4eo import ingest

@@ -10,13 +10,14 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import index
+from . import index, remote
 from . import shard as shard_mod
 from .errors import Reject
 from .manifest import plan, sha256_file
@@ -39,6 +40,8 @@ class ConvertConfig:
     progress: bool = True
     metrics_port: int | None = None
     merge_timeout_s: float = 24 * 3600.0  # rank 0 waits this long for the other ranks' shards
+    stage: str | None = None  # out = s3://...: the local staging folder (default: one per URL in the temp dir)
+    keep_stage: bool = False  # out = s3://...: keep uploaded shards in the staging folder
 
 
 INDEX_SCHEMA = pa.schema([
@@ -133,6 +136,16 @@ def convert(cfg: ConvertConfig) -> int:
         print(f"dataprep: cannot read manifest {cfg.manifest}: {e}", file=sys.stderr)
         return 2
     cfg.shard.has_osm = info["has_osm"]
+    target = None
+    if remote.is_url(cfg.out):
+        from .s3write import S3Error, S3Target
+
+        try:
+            target = S3Target(cfg.out, cfg.stage, cfg.keep_stage)
+        except (S3Error, ValueError) as e:
+            print(f"dataprep: {e}", file=sys.stderr)
+            return 2
+        cfg = replace(cfg, out=str(target.stage))
     n_shards = max(1, math.ceil(len(items) / K))
     if cfg.strict:
         first = next((it for it in items if isinstance(it, Reject)), None)
@@ -143,26 +156,50 @@ def convert(cfg: ConvertConfig) -> int:
     os.makedirs(shards_dir, exist_ok=True)
     mine = list(range(cfg.rank, n_shards, cfg.world_size))
     _clean_tmp(shards_dir, set(mine))
+    if target is None:
+        return _convert(cfg, items, n_shards, shards_dir, mine, None)
+    try:
+        return _convert(cfg, items, n_shards, shards_dir, mine, target)
+    except S3Error as e:
+        print(f"dataprep: {e}", file=sys.stderr)
+        return 2
+
+
+def _convert(cfg: ConvertConfig, items: list, n_shards: int, shards_dir: str, mine: list[int], target) -> int:
     fp = cfg.shard.fingerprint()
-    todo = []
+    todo, staged = [], []  # to convert; converted in the stage but not uploaded yet (out = s3://...)
     for k in mine:
-        meta = read_shard_meta(os.path.join(shards_dir, shard_name(k)))
+        meta = target.shard_meta(k) if target is not None else None
+        if meta is None:
+            meta = read_shard_meta(os.path.join(shards_dir, shard_name(k)))
+            if meta is not None and target is not None:
+                staged.append(k)
         if meta is None:
             todo.append(k)
         elif meta["config"] != fp:
             print(f"dataprep: {shard_name(k)} was written with other settings {meta['config']}; "
                   f"use a fresh --out or the same settings", file=sys.stderr)  # fmt: skip
             return 2
+    for k in staged:
+        target.upload_shard(k)
     metrics = _Metrics(cfg.metrics_port)
     try:
-        return _run(cfg, items, n_shards, shards_dir, mine, todo, metrics)
+        return _run(cfg, items, n_shards, shards_dir, mine, todo, metrics, target)
     finally:
         metrics.close()
 
 
 def _run(cfg: ConvertConfig, items: list, n_shards: int, shards_dir: str, mine: list[int], todo: list[int],
-         metrics: _Metrics) -> int:  # fmt: skip
+         metrics: _Metrics, target=None) -> int:  # fmt: skip
     K = cfg.shard.shard_size
+
+    def meta_of(k: int) -> dict | None:
+        return read_shard_meta(os.path.join(shards_dir, shard_name(k))) if target is None else target.shard_meta(k)
+
+    def committed(s: dict) -> None:  # a shard is complete: with an S3 output, upload it now
+        if target is not None:
+            target.upload_shard(s["shard"])
+        metrics.update(s)
     tasks = [(k, items[k * K : (k + 1) * K], cfg.shard, shards_dir, cfg.strict) for k in todo]
     total_rows = sum(len(t[1]) for t in tasks)
     from tqdm import tqdm
@@ -179,7 +216,7 @@ def _run(cfg: ConvertConfig, items: list, n_shards: int, shards_dir: str, mine: 
         if cfg.workers <= 1:
             shard_mod.ON_ROW = lambda: advance(1)
             for s in map(_work, tasks):
-                metrics.update(s)
+                committed(s)
                 rejected += sum(s["rejects"].values())
                 bar.set_postfix(rejected=rejected)
         else:
@@ -199,7 +236,7 @@ def _run(cfg: ConvertConfig, items: list, n_shards: int, shards_dir: str, mine: 
                     seen = now
                 if s is not None:
                     left -= 1
-                    metrics.update(s)
+                    committed(s)
                     rejected += sum(s["rejects"].values())
                     bar.set_postfix(rejected=rejected)
             pool.close()
@@ -216,18 +253,23 @@ def _run(cfg: ConvertConfig, items: list, n_shards: int, shards_dir: str, mine: 
         bar.close()
     if cfg.rank == 0:
         deadline = time.monotonic() + cfg.merge_timeout_s
-        while not all(os.path.isdir(os.path.join(shards_dir, shard_name(k))) for k in range(n_shards)):
+        done = (lambda k: os.path.isdir(os.path.join(shards_dir, shard_name(k)))) if target is None else \
+            target.has_shard  # fmt: skip
+        waiting = list(range(n_shards))
+        while waiting := [k for k in waiting if not done(k)]:
             if time.monotonic() > deadline:
                 print("dataprep: timed out waiting for the other ranks' shards", file=sys.stderr)
                 return 2
             time.sleep(1.0)
-        summary = merge(cfg, n_shards)
+        summary = merge(cfg, n_shards, meta_of)
+        if target is not None:
+            target.upload_dataset_files()
         status = 1 if summary["rejected"] else 0
         print(json.dumps({k: summary[k] for k in ("sets", "rejected", "shards", "rejected_by_kind")}))
     else:
         # Other ranks exit 0 on rejects (rank 0's merged status reports them): a launcher such as deepspeed's
         # kills every rank when one exits non-zero, which would stop rank 0 mid-merge.
-        n_rej = sum(len(read_shard_meta(os.path.join(shards_dir, shard_name(k)))["errors"]) for k in mine)
+        n_rej = sum(len(meta_of(k)["errors"]) for k in mine)
         print(json.dumps({"rank": cfg.rank, "shards": len(mine), "rejected": n_rej}))
     return status
 
@@ -264,9 +306,12 @@ class _BatchedTable:
         os.replace(self.tmp, self.path)
 
 
-def merge(cfg: ConvertConfig, n_shards: int) -> dict:
-    """Stream every shard's rows, errors and stats (in shard order) into the dataset-level files."""
+def merge(cfg: ConvertConfig, n_shards: int, meta_of: Callable[[int], dict | None] | None = None) -> dict:
+    """Stream every shard's rows, errors and stats (in shard order) into the dataset-level files in cfg.out;
+    `meta_of(k)`: shard k's metadata (default: read from cfg.out/shards)."""
     shards_dir = os.path.join(cfg.out, "shards")
+    if meta_of is None:
+        meta_of = lambda k: read_shard_meta(os.path.join(shards_dir, shard_name(k)))  # noqa: E731
     source = os.path.basename(cfg.manifest)
     rows = _BatchedTable(os.path.join(cfg.out, "index.parquet"), INDEX_SCHEMA)
     errors = _BatchedTable(os.path.join(cfg.out, "errors.parquet"), ERRORS_SCHEMA)
@@ -274,7 +319,7 @@ def merge(cfg: ConvertConfig, n_shards: int) -> dict:
     frames = {"s2": 0, "s1": 0}
     by_kind: dict[str, int] = {}
     for k in range(n_shards):
-        meta = read_shard_meta(os.path.join(shards_dir, shard_name(k)))
+        meta = meta_of(k)
         for r in meta["rows"]:
             rows.add({**ROW_DEFAULTS, **r, "shard": k, "source": source})
             frames["s2"] += r["n_s2"]

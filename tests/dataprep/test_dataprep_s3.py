@@ -21,21 +21,6 @@ pytest.importorskip("moto.server", reason="moto[server] (the test extra) runs th
 URL = "s3://bkt/sets/v1"
 
 
-@pytest.fixture(scope="module")
-def s3(dataset, tmp_path_factory):
-    """(endpoint, environment) of a moto server holding the test dataset at URL."""
-    tmp = tmp_path_factory.mktemp("s3")
-    (tmp / "aws").write_text("")
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
-           "AWS_CONFIG_FILE": str(tmp / "aws"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp / "aws"),
-           "DATAPREP_INDEX_CACHE": str(tmp / "cache")}  # fmt: skip
-    with pytest.MonkeyPatch.context() as mp, remote.local_s3_server() as endpoint:
-        for k, v in {**env, "AWS_ENDPOINT_URL": endpoint}.items():
-            mp.setenv(k, v)
-        assert remote.upload(dataset, URL, endpoint) > 10
-        yield endpoint, {**env, "AWS_ENDPOINT_URL": endpoint}
-
-
 def test_s3_reads_equal_local_reads(dataset, s3):
     r, local = DatasetReader(URL), DatasetReader(dataset, backend="direct")
     assert r.url == URL and r.root != dataset and len(r) == len(local) and r.stats == local.stats
