@@ -255,8 +255,12 @@ def _run(cfg: ConvertConfig, items: list, n_shards: int, shards_dir: str, mine: 
         deadline = time.monotonic() + cfg.merge_timeout_s
         done = (lambda k: os.path.isdir(os.path.join(shards_dir, shard_name(k)))) if target is None else \
             target.has_shard  # fmt: skip
-        waiting = list(range(n_shards))
-        while waiting := [k for k in waiting if not done(k)]:
+        first = 0  # shards [0, first) are present; on S3 one HEAD per poll while waiting, not one per shard
+        while True:
+            while first < n_shards and done(first):
+                first += 1
+            if first == n_shards:
+                break
             if time.monotonic() > deadline:
                 print("dataprep: timed out waiting for the other ranks' shards", file=sys.stderr)
                 return 2

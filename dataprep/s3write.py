@@ -55,6 +55,7 @@ class S3Target:
 
     def __init__(self, url: str, stage: str | os.PathLike | None = None, keep_stage: bool = False):
         import boto3
+        from boto3.exceptions import Boto3Error
         from botocore.config import Config
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -65,7 +66,7 @@ class S3Target:
         self.client = boto3.client("s3", endpoint_url=spec.get("endpoint"), region_name=spec.get("aws_region"),
                                    config=Config(retries={"max_attempts": 5, "mode": "standard"},
                                                  max_pool_connections=THREADS))  # fmt: skip
-        self.errors = (BotoCoreError, ClientError)
+        self.errors = (BotoCoreError, ClientError, Boto3Error)  # Boto3Error: upload_file's S3UploadFailedError
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except self.errors as e:

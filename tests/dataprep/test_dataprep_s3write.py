@@ -95,10 +95,11 @@ def test_resume_after_failed_upload_uploads_only_the_rest(raw, s3, written, tmp_
     assert objects(s3[0], url) == written[1]
 
 
-def test_two_ranks_with_their_own_stages_equal_one(raw, s3, written, tmp_path):
+def test_two_ranks_with_their_own_stages_and_workers_equal_one(raw, s3, written, tmp_path):
     url = "s3://bkt/out/ranks"
-    for rank in (1, 0):  # different stages: as on two machines; rank 0 waits for rank 1's shard objects
-        rc = convert_inproc(raw / "manifest.jsonl", url, stage=str(tmp_path / f"r{rank}"), rank=rank, world_size=2)
+    for rank in (1, 0):  # different stages, as on two machines; rank 0 (2 worker processes) merges from the objects
+        rc = convert_inproc(raw / "manifest.jsonl", url, stage=str(tmp_path / f"r{rank}"), rank=rank, world_size=2,
+                            workers=2 - rank)  # fmt: skip
         assert rc == 0
     assert objects(s3[0], url) == written[1]
 
