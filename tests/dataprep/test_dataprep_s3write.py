@@ -116,3 +116,12 @@ def test_missing_bucket_and_bad_credentials_are_one_line_errors(raw, s3, tmp_pat
                          "--no-progress", check=2)  # fmt: skip
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
     assert p.stderr.startswith("dataprep: s3://bkt/x: access to bucket bkt denied"), p.stderr
+
+
+def test_cli_keep_stage_keeps_uploaded_shards(raw, s3, written, tmp_path):
+    url = "s3://bkt/out/cli"
+    run_dataprep("convert", "--manifest", str(raw / "manifest.jsonl"), "--out", url, "--stage", str(tmp_path),
+                 "--keep-stage", "--no-progress", "--hr-size", "64", "--s2-size", "16", "--shard-size", "5",
+                 "--frames-per-chunk-shard", "8", check=0)  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [f"shard-0000{k}.zarr" for k in range(3)]
+    assert objects(s3[0], url) == written[1]
