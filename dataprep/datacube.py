@@ -188,13 +188,9 @@ def _decode(ds, nodata: float | None, path: str) -> tuple[np.ndarray, np.ndarray
 
 
 def _fit(a: np.ndarray, size: int, crop: bool, path: str) -> np.ndarray:
-    h, w = a.shape[-2:]
-    if (h, w) == (size, size):
-        return a
-    if crop and h >= size and w >= size:
-        y, x = (h - size) // 2, (w - size) // 2
-        return a[..., y : y + size, x : x + size]
-    raise Reject("wrong_size", f"{path}: cube grid is {h}x{w}, dataset expects {size}x{size}", path)
+    from .sources import _fit as fit  # here, not at the top: sources -> manifest -> datacube would cycle
+
+    return fit(a, size, crop, path, "cube grid")
 
 
 def _read_variables(f, spec: CubeSpec, mod: str, bands, policy: str):

@@ -106,17 +106,23 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------ cases
+def _window_inputs(b, h, w, nh, d, window, dtype, device):
+    """Seeded qkv leaf and its q, k, v views, logit scale and bias table; the generator goes on for grad outputs."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    qkv = torch.randn(b, h, w, 3, nh, d, generator=g).to(device, dtype).requires_grad_()
+    q, k, v = qkv.unbind(3)
+    ls = torch.full((nh,), math.log(10.0), device=device, requires_grad=True)
+    bt = (16 * torch.sigmoid(torch.randn(nh, (2 * window - 1) ** 2, generator=g))).to(device).requires_grad_()
+    return g, qkv, q, k, v, ls, bt
+
+
 def window_cases(shapes, dtype, device, compile_ref: bool) -> list[Case]:
     wa = importlib.import_module("kernels.window_attention.function")
     ref = importlib.import_module("trainer.model.ops").window_attention  # the model's fallback
     cref = _maybe_compile(ref, compile_ref)
     cases = []
     for b, h, w, nh, d, window, shift in shapes:
-        g = torch.Generator(device="cpu").manual_seed(0)
-        qkv = torch.randn(b, h, w, 3, nh, d, generator=g).to(device, dtype).requires_grad_()
-        q, k, v = qkv.unbind(3)
-        ls = torch.full((nh,), math.log(10.0), device=device, requires_grad=True)
-        bt = (16 * torch.sigmoid(torch.randn(nh, (2 * window - 1) ** 2, generator=g))).to(device).requires_grad_()
+        g, qkv, q, k, v, ls, bt = _window_inputs(b, h, w, nh, d, window, dtype, device)
         args = (q, k, v, ls, bt, window, shift)
         hp, wp = -(-h // window) * window, -(-w // window) * window
         pairs = b * (hp // window) * (wp // window) * nh * (window * window) ** 2 * d  # (N x N x d) per window
@@ -259,11 +265,7 @@ def window_drift(shapes, dtype, device, reps: int) -> list[dict]:
     wa = importlib.import_module("kernels.window_attention.function")
     rows = []
     for b, h, w, nh, d, window, shift in shapes:
-        g = torch.Generator(device="cpu").manual_seed(0)
-        qkv = torch.randn(b, h, w, 3, nh, d, generator=g).to(device, dtype).requires_grad_()
-        q, k, v = qkv.unbind(3)
-        ls = torch.full((nh,), math.log(10.0), device=device, requires_grad=True)
-        bt = (16 * torch.sigmoid(torch.randn(nh, (2 * window - 1) ** 2, generator=g))).to(device).requires_grad_()
+        g, qkv, q, k, v, ls, bt = _window_inputs(b, h, w, nh, d, window, dtype, device)
         out = wa.window_attention(q, k, v, ls, bt, window, shift)
         go = torch.randn(out.shape, generator=g).to(device, dtype)
         grads = [torch.autograd.grad(out, [qkv, ls, bt], go, retain_graph=True) for _ in range(max(2, reps))]
