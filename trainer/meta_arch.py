@@ -134,10 +134,11 @@ class SSLMetaArch(nn.Module):
             if not route:
                 continue
             if count and self.count_moe:
-                acc = self._moe_counts.setdefault((network, modality, name), [0, 0, 0])
+                acc = self._moe_counts.setdefault((network, modality, name), [0, 0, 0, 0])
                 acc[0] = acc[0] + route["counts"].detach()
                 acc[1] += route["dropped"]
                 acc[2] += route["tokens"]
+                acc[3] = acc[3] + route["kept_counts"]
             moe.deepspeed_moe.last_route = {}
 
     def forward(self, batch: dict, teacher_temp: float) -> dict[str, torch.Tensor]:
@@ -199,17 +200,23 @@ class SSLMetaArch(nn.Module):
         """Learning-health gauges of the last micro-batch plus MoE balance (max / mean expert load, worst layer) over
         every student MoE call since the last call of this method: `moe_max_over_mean` and `moe_load/<layer>` over all
         ranks summed (a collective: every rank calls this once per step), `moe_max_over_mean_rank` this rank's own.
+        These count the router's first choice (before capacity). `moe_kept_max_over_mean` counts the tokens each
+        expert processed (after capacity and re-routing), all ranks summed, worst layer.
 
-        Also sets `moe_step`: {(network, modality, layer): {"expert_counts", "dropped", "tokens"}} summed over every
-        MoE call since the last call (student and teacher apart, every micro-batch), then resets the counts.
+        Also sets `moe_step`: {(network, modality, layer): {"expert_counts", "kept_counts", "dropped", "tokens"}}
+        summed over every MoE call since the last call (student and teacher apart, every micro-batch), then resets the
+        counts.
         """
         out = self._learning_health()
-        self.moe_step = {key: {"expert_counts": [int(v) for v in c.tolist()], "dropped": int(d), "tokens": int(n)}
-                         for key, (c, d, n) in sorted(self._moe_counts.items())}
+        self.moe_step = {key: {"expert_counts": [int(v) for v in c.tolist()],
+                               "kept_counts": [int(v) for v in k.tolist()], "dropped": int(d), "tokens": int(n)}
+                         for key, (c, d, n, k) in sorted(self._moe_counts.items())}
         per_layer: dict[str, torch.Tensor] = {}
-        for (network, _, name), (c, _, _) in self._moe_counts.items():
+        kept_layer: dict[str, torch.Tensor] = {}
+        for (network, _, name), (c, _, _, k) in self._moe_counts.items():
             if network == "student":
                 per_layer[name] = per_layer.get(name, 0) + c.float()
+                kept_layer[name] = kept_layer.get(name, 0) + k.float()
         if per_layer:
             loads = {name: float(c.max() / c.mean().clamp_min(1e-9)) for name, c in per_layer.items()}
             out["moe_max_over_mean_rank"] = max(loads.values())
@@ -219,14 +226,17 @@ class SSLMetaArch(nn.Module):
             # over the global batch too). Every rank holds every MoE layer name, counted or not, so the shapes agree.
             e = self.cfg.model.moe.num_experts
             device = next(self.student.parameters()).device
-            stacked = torch.stack([per_layer[n].to(device) if n in per_layer else torch.zeros(e, device=device)
-                                   for n in names])
+            stacked = torch.stack([d[n].to(device) if n in d else torch.zeros(e, device=device)
+                                   for d in (per_layer, kept_layer) for n in names])
             dist.all_reduce(stacked)
-            per_layer = {n: c for n, c in zip(names, stacked, strict=True) if float(c.sum()) > 0}
+            per_layer = {n: c for n, c in zip(names, stacked[:len(names)], strict=True) if float(c.sum()) > 0}
+            kept_layer = {n: c for n, c in zip(names, stacked[len(names):], strict=True) if float(c.sum()) > 0}
         if per_layer:
             loads = {name: float(c.max() / c.mean().clamp_min(1e-9)) for name, c in per_layer.items()}
             out["moe_max_over_mean"] = max(loads.values())
             out.update({f"moe_load/{name}": v for name, v in loads.items()})
+        if kept_layer:
+            out["moe_kept_max_over_mean"] = max(float(c.max() / c.mean().clamp_min(1e-9)) for c in kept_layer.values())
         self._moe_counts = {}
         return out
 

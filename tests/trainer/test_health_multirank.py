@@ -15,6 +15,7 @@ pytestmark = pytest.mark.multiproc
 # Hand-made student counts per rank (4 experts). Layer A runs on both ranks; layer B only on rank 1 (its modality is
 # absent on rank 0), so rank 0 must still join the collective with zeros for it.
 COUNTS = {0: {"A": [6, 2, 2, 2]}, 1: {"A": [0, 4, 2, 2], "B": [1, 1, 1, 5]}}
+CAPACITY = 3  # kept counts: each rank's counts clipped at a capacity of 3 (what the experts processed)
 
 
 def _worker(rank: int, world: int, port: int, queue) -> None:
@@ -31,8 +32,10 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
     model = SSLMetaArch(tiny())
     names = sorted(n for n, m in model.student["backbone"].named_modules() if isinstance(m, SkyMoE))
     layer = {"A": names[0], "B": names[-1]}
-    model._moe_counts = {("student", "hr", layer[k]): [torch.tensor(c), 0, sum(c)] for k, c in COUNTS[rank].items()}
-    model._moe_counts[("teacher", "hr", layer["A"])] = [torch.tensor([100, 0, 0, 0]), 0, 100]  # never in the gauge
+    model._moe_counts = {("student", "hr", layer[k]): [torch.tensor(c), 0, sum(c), torch.tensor(c).clamp(max=CAPACITY)]
+                         for k, c in COUNTS[rank].items()}
+    model._moe_counts[("teacher", "hr", layer["A"])] = [torch.tensor([100, 0, 0, 0]), 0, 100,
+                                                        torch.tensor([3, 0, 0, 0])]  # never in the gauge
     h = model.health()
     queue.put((rank, {k: v for k, v in h.items() if k.startswith("moe_")}, layer))
     shutdown_distributed()
@@ -59,5 +62,7 @@ def test_balance_gauge_is_over_all_ranks_and_per_rank():
         assert h[f"moe_load/{layer['A']}"] == pytest.approx(max(a) / (sum(a) / 4))  # 1.2
         assert h[f"moe_load/{layer['B']}"] == pytest.approx(max(b) / (sum(b) / 4))  # 2.5
         assert h["moe_max_over_mean"] == pytest.approx(2.5)
+        # kept, summed over ranks: A [3+0, 2+3, 2+2, 2+2] = [3, 5, 4, 4] (max/mean 1.25); B [1, 1, 1, 3] (2.0)
+        assert h["moe_kept_max_over_mean"] == pytest.approx(2.0)
     assert got[0]["moe_max_over_mean_rank"] == pytest.approx(6 / 3)  # rank 0's own layer A only
     assert got[1]["moe_max_over_mean_rank"] == pytest.approx(2.5)

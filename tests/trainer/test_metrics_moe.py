@@ -44,12 +44,17 @@ def test_step_aggregates_hand_counted(model):
         model._count_experts(network, modality, holder, counted)
     health = model.health()
     assert model.moe_step == {
-        ("student", "hr", "ffn"): {"expert_counts": [4, 5, 1, 2], "dropped": 5, "tokens": 12},
-        ("student", "s2", "ffn"): {"expert_counts": [0, 0, 0, 1], "dropped": 0, "tokens": 1},
-        ("teacher", "hr", "ffn"): {"expert_counts": [0, 0, 2, 0], "dropped": 1, "tokens": 2},
+        ("student", "hr", "ffn"): {"expert_counts": [4, 5, 1, 2], "kept_counts": [2, 2, 1, 2], "dropped": 5,
+                                   "tokens": 12},
+        ("student", "s2", "ffn"): {"expert_counts": [0, 0, 0, 1], "kept_counts": [0, 0, 0, 1], "dropped": 0,
+                                   "tokens": 1},
+        ("teacher", "hr", "ffn"): {"expert_counts": [0, 0, 2, 0], "kept_counts": [0, 0, 1, 0], "dropped": 1,
+                                   "tokens": 2},
     }
     # Balance over the student's calls only, modalities summed: [4, 5, 1, 3] -> max / mean = 5 / 3.25.
     assert health["moe_load/ffn"] == pytest.approx(5 / 3.25)
+    # What the experts processed (student, modalities summed): [2, 2, 1, 2] + [0, 0, 0, 1] -> max / mean = 3 / 2.
+    assert health["moe_kept_max_over_mean"] == pytest.approx(3 / 2)
     assert model.health().get("moe_load/ffn") is None and model.moe_step == {}  # reset after each reading
 
     m = Metrics(rank=0, port=0, run_dir=None, peak=0.0)
@@ -114,8 +119,10 @@ def test_two_micro_batches_count_every_call_by_network_and_modality(model):
         counts = torch.bincount((x.float() @ gate.wg.weight.detach().float().t()).argmax(-1), minlength=e)
         cf = gate.capacity_factor if training else gate.eval_capacity_factor
         cap = max(gate.min_capacity, math.ceil(cf * x.shape[0] / e))
-        acc = expected.setdefault((net, mod, name), {"expert_counts": [0] * e, "dropped": 0, "tokens": 0})
+        acc = expected.setdefault((net, mod, name), {"expert_counts": [0] * e, "kept_counts": [0] * e, "dropped": 0,
+                                                      "tokens": 0})
         acc["expert_counts"] = [a + int(c) for a, c in zip(acc["expert_counts"], counts)]
+        acc["kept_counts"] = [a + int(c) for a, c in zip(acc["kept_counts"], counts.clamp(max=cap))]
         acc["dropped"] += int((counts - cap).clamp_min(0).sum())
         acc["tokens"] += x.shape[0]
     assert {k[0] for k in got} == {"student", "teacher"} and {k[1] for k in got} == {"hr", "s2", "s1"}

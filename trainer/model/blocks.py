@@ -150,4 +150,5 @@ def make_ffn(dim: int, mlp_ratio: float, moe_cfg=None) -> nn.Module:
         drop_tokens=moe_cfg.drop_tokens,
         aux_loss_weight=moe_cfg.aux_loss_weight,
         z_loss_weight=moe_cfg.z_loss_weight,
+        reroute=moe_cfg.reroute,
     )

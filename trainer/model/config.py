@@ -25,6 +25,9 @@ class MoEConfig:
     # Bias-based balancing (after DeepSeek-V3): after each optimizer step every expert's routing bias moves towards
     # the mean load by rate x (mean - load) / mean (the step's counts summed over ranks). 0 = off (aux loss only).
     balance_rate: float = 0.0
+    # Rounds of overflow re-routing (ops.reroute_overflow): a token whose expert is full goes to its best expert with
+    # a free slot instead of being dropped. 0 = drop, DeepSpeed's behaviour.
+    reroute: int = 0
     ep_size: int = 1
 
 

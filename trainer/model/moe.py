@@ -49,9 +49,11 @@ class IndexMOELayer(MOELayer):
     `deepspeed.initialize` created the groups.
     """
 
-    def __init__(self, gate, experts, ep_group_name, ep_size, num_local_experts, *, drop_tokens: bool) -> None:
+    def __init__(self, gate, experts, ep_group_name, ep_size, num_local_experts, *, drop_tokens: bool,
+                 reroute: int = 0) -> None:
         super().__init__(gate, experts, ep_group_name, ep_size, num_local_experts)
         self.drop_tokens = drop_tokens
+        self.reroute = reroute  # rounds of overflow re-routing (ops.reroute_overflow), with drop_tokens
         self.last_route: dict[str, torch.Tensor | int] = {}
         # Routing bias for the choice of expert (`balance_step`); persistent, so a resumed run routes the same.
         self.register_buffer("route_bias", torch.zeros(gate.wg.weight.shape[0], device=gate.wg.weight.device))
@@ -81,7 +83,8 @@ class IndexMOELayer(MOELayer):
                 dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
                 n_max = int(t)
             capacity = moe_capacity(n_max, e, cf, self.gate.min_capacity)
-            route = ops.top1_route(x, self.gate.wg.weight, capacity, True, **self._bias_kwargs())
+            route = ops.top1_route(x, self.gate.wg.weight, capacity, True, **self._bias_kwargs(),
+                                   **({"reroute": self.reroute} if self.reroute else {}))
         else:
             route = ops.top1_route(x, self.gate.wg.weight, n, False, **self._bias_kwargs())
             capacity = n if x.is_meta else max(int(route.counts.max()), 1)
@@ -149,8 +152,14 @@ class IndexMOELayer(MOELayer):
             c = route.counts.detach()
             self._step_counts = c if self._step_counts is None else self._step_counts + c
         self.exp_counts = route.counts.detach()
+        if x.is_meta:
+            kept_counts = self.exp_counts
+        else:  # what each expert processed: after capacity and re-routing
+            kept = route.expert.detach()[route.kept]
+            kept_counts = torch.zeros_like(self.exp_counts).index_add_(0, kept, torch.ones_like(kept))
         self.last_route = {
             "counts": self.exp_counts,
+            "kept_counts": kept_counts,
             "dropped": route.dropped,
             "capacity": capacity,
             "tokens": route.expert.shape[0],
@@ -180,6 +189,7 @@ class SkyMoE(MoE):
         drop_tokens: bool = True,
         aux_loss_weight: float = 0.01,
         z_loss_weight: float = 0.0,
+        reroute: int = 0,
     ) -> None:
         super().__init__(
             dim,
@@ -195,7 +205,8 @@ class SkyMoE(MoE):
         )
         old = self.deepspeed_moe
         self.deepspeed_moe = IndexMOELayer(
-            old.gate, old.experts, self.expert_group_name, ep_size, self.num_local_experts, drop_tokens=drop_tokens
+            old.gate, old.experts, self.expert_group_name, ep_size, self.num_local_experts, drop_tokens=drop_tokens,
+            reroute=reroute,
         )
         self.aux_loss_weight = aux_loss_weight
         self.z_loss_weight = z_loss_weight
@@ -238,12 +249,14 @@ class SkyMoE(MoE):
         return out, loss
 
     def stats(self) -> dict[str, object]:
-        """Expert counts (before dropping), dropped tokens, tokens and capacity of the last forward."""
+        """Expert counts (first choice, before dropping), kept counts (what each expert processed: after capacity
+        and re-routing), dropped tokens, tokens and capacity of the last forward."""
         r = self.deepspeed_moe.last_route
         if not r:
             return {}
         return {
             "expert_counts": r["counts"].tolist(),
+            "kept_counts": r["kept_counts"].tolist(),
             "dropped": int(r["dropped"]),
             "tokens": int(r["tokens"]),
             "capacity": int(r["capacity"]),

@@ -270,14 +270,17 @@ class Route(NamedTuple):
 
 
 def top1_route(x: torch.Tensor, gate_weight: torch.Tensor, capacity: int, drop_tokens: bool = True,
-               bias: torch.Tensor | None = None) -> Route:
+               bias: torch.Tensor | None = None, reroute: int = 0) -> Route:
     """Softmax gate, argmax expert, arrival positions and load-balance statistics. x: (N, D), gate_weight: (E, D).
 
     bias (E,): a load-balancing bias added to the probabilities for the CHOICE of expert only (the gate value stays
     the unbiased probability; DeepSeek-V3's auxiliary-loss-free balancing). The Triton kernel has no bias input,
     so a bias routes on this PyTorch path (routing is a small part of an MoE layer's cost).
+
+    reroute: rounds of overflow re-routing (`reroute_overflow`); 0 drops what overflows, as DeepSpeed does. Also on
+    this PyTorch path. `counts` stays the first choice (what the aux loss and the balancer act on).
     """
-    if bias is None and _triton(x, gate_weight):
+    if bias is None and not reroute and _triton(x, gate_weight):
         return Route(*_kernels.top1_route(x, gate_weight, capacity, drop_tokens))
     n = x.shape[0]
     e = gate_weight.shape[0]
@@ -292,10 +295,47 @@ def top1_route(x: torch.Tensor, gate_weight: torch.Tensor, capacity: int, drop_t
     position = torch.empty_like(expert)
     position[order] = torch.arange(n, device=x.device) - starts[expert[order]]
     kept = position < capacity if drop_tokens else torch.ones_like(position, dtype=torch.bool)
+    if reroute and drop_tokens and not x.is_meta:
+        choice = probs if bias is None else probs + bias.float()
+        expert, position, kept = reroute_overflow(choice.detach(), expert, position, kept, counts, capacity, reroute)
+        gate = probs.gather(1, expert[:, None]).squeeze(1)
     aux_loss = e * torch.sum(counts.to(probs.dtype) / max(n, 1) * probs.mean(0))
     z_loss = torch.logsumexp(logits, dim=-1).square().mean()
     dropped = 0 if x.is_meta or not drop_tokens else int(n - kept.sum())
     return Route(expert, position, kept, gate, counts, aux_loss, z_loss, dropped)
+
+
+def reroute_overflow(choice: torch.Tensor, expert: torch.Tensor, position: torch.Tensor, kept: torch.Tensor,
+                     counts: torch.Tensor, capacity: int, rounds: int) -> tuple[torch.Tensor, ...]:
+    """Send tokens that overflowed their expert to their best expert with a free slot, instead of dropping them.
+
+    choice (N, E): the routing scores; expert, position, kept: the first choice's assignment; counts (E,): first-choice
+    counts. Each round, every token still dropped takes the highest-scoring expert that is not yet full; its slots go
+    to those tokens in token order after the slots already taken, and whatever overflows again waits for the next
+    round. An expert a token overflowed is full afterwards, so no expert is tried twice. After BASE layers' balanced
+    assignment (Lewis et al., 2021) in its cheapest greedy form: the load an expert processes stays <= capacity, and
+    a batch of similar images spills onto other experts rather than losing its tokens. Returns new (expert, position,
+    kept); positions of tokens still dropped are left as they were (>= capacity).
+    """
+    e = choice.shape[1]
+    expert, position, kept = expert.clone(), position.clone(), kept.clone()
+    taken = counts.clamp(max=capacity)
+    for _ in range(rounds):
+        over = torch.nonzero(~kept).squeeze(1)
+        full = taken >= capacity
+        if over.numel() == 0 or bool(full.all()):
+            break
+        new = choice[over].masked_fill(full[None], float("-inf")).argmax(1)
+        c = torch.zeros(e, dtype=torch.long, device=choice.device).index_add_(0, new, torch.ones_like(new))
+        order = torch.sort(new, stable=True).indices  # `over` is ascending: token order within each expert
+        rank = torch.empty_like(new)
+        rank[order] = torch.arange(new.numel(), device=choice.device) - (torch.cumsum(c, 0) - c)[new[order]]
+        pos = taken[new] + rank
+        ok = pos < capacity
+        idx = over[ok]
+        expert[idx], position[idx], kept[idx] = new[ok], pos[ok], True
+        taken = (taken + c).clamp(max=capacity)
+    return expert, position, kept
 
 
 def _slots(expert: torch.Tensor, position: torch.Tensor, kept: torch.Tensor, capacity: int, num_experts: int):
