@@ -24,7 +24,7 @@ from trainer.plan_trace import trace_pieces
 
 GIB = 2**30
 HW_KEYS = ("peak_tflops", "mem_gib", "nvlink_GBps", "net_GBps", "launch_us", "overhead_gib", "fragmentation",
-           "efficiency")
+           "efficiency", "hbm_TBps", "written_GBps")
 HEAD_TERMS = 3  # hr, s2, s1 share `head`; F_fus has `fusion_head` (trainer/meta_arch.py)
 
 
@@ -213,11 +213,52 @@ def flops_table(traces: list[dict]) -> dict[str, dict[str, float]]:
 # the plan
 
 
+def optimizer_written_per_param() -> dict[str, float]:
+    """Bytes written per parameter by one optimizer step, as LiveBytes counts them: AdamW (torch's, which DeepSpeed
+    ZeRO-1/2 runs on each rank's fp32 partition) plus the copy back into the weights, and the teacher's EMA update
+    (trainer/meta_arch.py: foreach mul_ + add_). Measured on a small CPU tensor; per element, so any size."""
+    from trainer.plan_trace import LiveBytes
+
+    n = 4096
+    w = torch.zeros(n, requires_grad=True)
+    w.grad = torch.ones(n)
+    opt = torch.optim.AdamW([w], lr=1e-3, weight_decay=0.04, foreach=False)
+    opt.step()  # creates the moments
+    model, teacher = torch.zeros(n), torch.zeros(n)
+    adam, ema = LiveBytes(exclude=[w, w.grad, model]), LiveBytes(exclude=[teacher, model])
+    with adam:
+        opt.step()
+        model.copy_(w.detach())
+    with ema:
+        torch._foreach_mul_([teacher], 0.99)
+        torch._foreach_add_([teacher], [model], alpha=0.01)
+    return {"optimizer": adam.written / n, "ema": ema.written / n}
+
+
+def matmul_roofline(matmuls: dict, peak_flops: float, write_rate: float) -> float:
+    """Seconds for the traced matmul-class ops ({key: [count, flops, output bytes]}): each op takes the longer of its
+    FLOPs at the achieved rate and its output at the memory-bound write rate (a roofline; skinny matmuls, such as
+    an expert's weight gradient over a few tokens, write more than they compute)."""
+    return sum(n * max(fl / peak_flops, out / write_rate) for n, fl, out in matmuls.values())
+
+
+def written_rate(gpu: dict) -> float:
+    """GB/s of output that memory-bound ops (elementwise, norms, softmax, copies) write: `written_GBps` if given,
+    else the HBM rate x MEMORY_EFFICIENCY, halved because each byte written comes with about one byte read."""
+    if "written_GBps" in gpu:
+        return float(gpu["written_GBps"])
+    return gpu.get("hbm_TBps", hw.DEFAULT_HBM_TBPS) * 1e3 * hw.MEMORY_EFFICIENCY / 2
+
+
 def plan(cfg: RunConfig, *, gpus: int, gpu_kind: str = "h20", net_kind: str = "ib400", gpus_per_node: int = 8,
          ratio: int = 32, bf16: bool = True, efficiency: float | None = None, hw_override: dict | None = None,
-         cache: bool = True, dataprep_workers: int = 512, dataset_sets: int | None = None) -> dict:
+         cache: bool = True, dataprep_workers: int = 512, dataset_sets: int | None = None,
+         matmul_time=None) -> dict:
     """The whole plan for the resolved `cfg` on `gpus` GPUs (train.zero_stage, model.moe.ep_size,
-    train.micro_batch, model.activation_checkpointing as in cfg)."""
+    train.micro_batch, model.activation_checkpointing as in cfg).
+
+    matmul_time: optional callable {key: [count, flops, bytes]} -> seconds replacing the roofline (the CPU
+    validation passes the model's matmuls timed on this machine)."""
     need = ("peak_tflops", "mem_gib", "nvlink_GBps")
     if gpu_kind not in hw.GPUS and not all(k in (hw_override or {}) for k in need):
         raise ConfigError(f"unknown --gpu-kind {gpu_kind!r}; choose one of {', '.join(hw.GPUS)} or give "
@@ -263,12 +304,24 @@ def plan(cfg: RunConfig, *, gpus: int, gpu_kind: str = "h20", net_kind: str = "i
         sum(x["mult"] * x["flops"] for x in traced[False] if x["role"] == "teacher")
     hw_flops = sum(x["mult"] * x["flops"] for x in traces)
     ops = sum(x["mult"] * x["ops"] for x in traces)
+    written = sum(x["mult"] * x["written"] for x in traces)
+    matmuls: dict[str, list] = {}
+    for x in traces:
+        for key, (n, fl, out) in x["matmuls"].items():
+            matmuls.setdefault(key, [0, fl, out])[0] += x["mult"] * n
     comm = communication(params, traces, world=gpus, ep=ep, zero=zero, accum=accum, bf16=bf16, act_ckpt=ckpt,
                          gpus_per_node=gpus_per_node, gpu=gpu, net=net, micro=micro, traced_batch=micro)
     eff = efficiency if efficiency is not None else gpu.get("efficiency", hw.COMPUTE_EFFICIENCY)
     peak = gpu["peak_tflops"] * 1e12
     launch = gpu.get("launch_us", hw.LAUNCH_US) * 1e-6
-    compute_s = accum * (hw_flops / (peak * eff) + ops * launch)
+    write_rate = written_rate(gpu) * 1e9
+    matmul_s = matmul_time(matmuls) if matmul_time else matmul_roofline(matmuls, peak * eff, write_rate)
+    memory_s, launch_s = written / write_rate, ops * launch
+    per_param = optimizer_written_per_param()
+    opt_part = params["trained"] if zero == 0 else params["trained"] / gpus
+    optimizer_s = (per_param["optimizer"] * opt_part +
+                   per_param["ema"] * (params["non_expert"] + params["experts"] / ep)) / write_rate
+    compute_s = accum * (matmul_s + memory_s + launch_s) + optimizer_s
     step_s = compute_s + comm["grad_s"] + comm["a2a_s"]  # ds config: overlap_comm off for ZeRO-1/2
     samples_s = t.global_batch / step_s
     mfu = accum * model_flops * gpus / (step_s * gpus * peak)
@@ -292,7 +345,10 @@ def plan(cfg: RunConfig, *, gpus: int, gpu_kind: str = "h20", net_kind: str = "i
         "margin_gib": (capacity - total(ckpt)) / GIB,
         "max_micro_batch": {"ckpt_off": max_micro[False], "ckpt_on": max_micro[True]},
         "comm": {**comm, "grad_GB": comm["grad_bytes"] / 1e9, "a2a_GB": comm["a2a_bytes"] / 1e9},
-        "ops_per_micro_step": ops,
+        "ops_per_micro_step": ops, "written_GB_per_micro_step": written / 1e9, "written_GBps": write_rate / 1e9,
+        "compute_breakdown_s": {"matmul": accum * matmul_s, "memory": accum * memory_s, "launch": accum * launch_s,
+                                "optimizer": optimizer_s},
+        "optimizer_bytes_per_param": per_param,
         "compute_s": compute_s, "step_s": step_s, "samples_per_s": samples_s, "mfu": mfu,
         "days": run_s / 86400, "gpu_hours": run_s / 3600 * gpus,
         "efficiency": eff, "peak_tflops": gpu["peak_tflops"],
@@ -333,7 +389,10 @@ def assumptions(r: dict, gpu: dict, net: dict, frag: float, overhead: float) -> 
         f"network {r['net']}: {net['gbit']:g} Gb/s per GPU x {net['efficiency']} usable; {r['gpus_per_node']} GPUs "
         f"per node; data-parallel ring {r['comm']['dp_GBps']:.1f} GB/s, expert all-to-all {r['comm']['ep_GBps']:.1f}"
         f" GB/s",
-        f"compute: {r['efficiency']:.2f} of peak on traced matmul/conv/SDPA FLOPs + "
+        f"compute: each traced matmul/conv/SDPA op at the longer of its FLOPs at {r['efficiency']:.2f} of peak and "
+        "its output at the write rate below, + "
+        f"{r['written_GB_per_micro_step']:.2f} GB per micro-step written by the other (memory-bound) ops at "
+        f"{r['written_GBps']:.0f} GB/s (HBM x {hw.MEMORY_EFFICIENCY} / 2 for read + write) + "
         f"{gpu.get('launch_us', hw.LAUNCH_US):g} us per dispatched op ({r['ops_per_micro_step']:,} ops per "
         "micro-step, traced)",
         "FLOPs: FlopCounterMode on the meta device; backbone traced through a proxy with one block per kind and "
@@ -341,7 +400,9 @@ def assumptions(r: dict, gpu: dict, net: dict, frag: float, overhead: float) -> 
         f"activations: live tensor bytes of the traced forward+backward at micro-batch {r['micro_batch']}, all "
         "modalities present in every set; CPU reference ops (the Triton kernels on CUDA may save less); "
         f"+{frag:.0%} allocator slack and {overhead / GIB:.1f} GiB CUDA/NCCL overhead",
-        "optimizer: AdamW, fp32 master + 2 moments partitioned by ZeRO; teacher fp32 (EMA), experts 1/ep per rank",
+        "optimizer: AdamW, fp32 master + 2 moments partitioned by ZeRO; teacher fp32 (EMA), experts 1/ep per rank; "
+        f"its step writes {r['optimizer_bytes_per_param']['optimizer']:.0f} B per partitioned parameter and the EMA "
+        f"{r['optimizer_bytes_per_param']['ema']:.0f} B per teacher parameter (traced), at the write rate",
         f"ZeRO-{r['zero']}: {r['comm']['reduce_scatters']} gradient reduce-scatter(s) + 1 weight all-gather per step; "
         "no compute/communication overlap (the generated ds config leaves overlap_comm off)",
         f"HR:S2 pixel ratio {r['hr_s2_ratio']} (the paper's sets: 2048 px HR over a 64 px S2 tile)",
@@ -397,8 +458,10 @@ def format_plan(r: dict) -> str:
     L.append(f"  gradients+weights {c['grad_GB']:.2f} GB ({c['reduce_scatters']} reduce-scatter + all-gather) "
              f"-> {c['grad_s']:.3f} s;  MoE all-to-all {c['a2a_GB']:.2f} GB -> {c['a2a_s']:.3f} s")
     L.append("\ntime and cost")
-    L.append(f"  step {r['step_s']:.2f} s (compute {r['compute_s']:.2f} s), {r['samples_per_s']:.0f} samples/s, "
-             f"MFU {r['mfu']:.1%}")
+    b = r["compute_breakdown_s"]
+    L.append(f"  step {r['step_s']:.2f} s (compute {r['compute_s']:.2f} s: matmul {b['matmul']:.2f}, memory-bound "
+             f"{b['memory']:.2f}, op launches {b['launch']:.2f}, optimizer + EMA {b['optimizer']:.2f}), "
+             f"{r['samples_per_s']:.0f} samples/s, MFU {r['mfu']:.1%}")
     L.append(f"  run of {r.get('max_steps', 0) or 'recipe'} steps: {r['days']:.1f} days, {r['gpu_hours']:,.0f} "
              f"GPU-hours")
     d = r["data"]

@@ -30,6 +30,11 @@ NVLINK_EFFICIENCY = 0.75  # NCCL bus bandwidth over NVLink, fraction of the one-
 # training reaches 0.4-0.55 on H100-class parts; this model has many small matmuls (S2/S1 frames of 16 tokens,
 # 8x8 windows) and a 24-layer fusion over 17-token sequences, so 0.35 is the default.
 COMPUTE_EFFICIENCY = 0.35
+# Achieved fraction of HBM bandwidth for the memory-bound ops (elementwise, layer norm, softmax, copies), whose time
+# the planner takes from the bytes they write (plan_trace.LiveBytes.written). Assumption: PyTorch's eager
+# elementwise kernels reach 0.5-0.8 of HBM on large tensors, less on this model's small ones.
+MEMORY_EFFICIENCY = 0.5
+DEFAULT_HBM_TBPS = 2.0  # for a --gpu-kind given only by --set-hw without hbm_TBps
 LAUNCH_US = 6.0  # per dispatched op on a GPU (launch + framework), added to the compute time
 CUDA_OVERHEAD_GIB = 2.5  # CUDA context, NCCL buffers, cuBLAS workspaces, per GPU
 FRAGMENTATION = 0.10  # caching-allocator slack on top of the activation peak

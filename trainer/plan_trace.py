@@ -28,11 +28,14 @@ from trainer.model.backbone import build_model
 from trainer.model.config import IN_CHANS, ModelConfig
 from trainer.model.moe import SkyMoE, moe_capacity
 
-TRACE_VERSION = 4  # bump when what a trace measures changes (invalidates the cache)
+TRACE_VERSION = 7  # bump when what a trace measures changes (invalidates the cache)
 
 
 class LiveBytes(TorchDispatchMode):
-    """Bytes of live tensor storage created inside the mode: `current`, `peak`, and `ops` dispatched.
+    """Bytes of live tensor storage created inside the mode: `current`, `peak`; and what the step-time model needs:
+    `ops` dispatched, `written` (output bytes of every op without a FLOP formula: elementwise, norms, softmax,
+    copies, indexing; in-place ops included), and `matmuls`, the ops with a FLOP formula (mm, addmm, bmm,
+    convolution, attention) by op and input shapes: {key: [count, flops each, output bytes each]}.
 
     Storage is counted once however many views share it, and released when its last tensor dies. Storage of the
     tensors in `exclude` (parameters, buffers) is never counted, though ops return views of it (`w.t()`). Works
@@ -41,9 +44,14 @@ class LiveBytes(TorchDispatchMode):
 
     def __init__(self, exclude=()) -> None:
         super().__init__()
+        from torch.utils.flop_counter import flop_registry  # imports triton: keep it out of module import
+
+        self._flops = flop_registry
         self.current = 0
         self.peak = 0
         self.ops = 0
+        self.written = 0
+        self.matmuls: dict[str, list] = {}
         self._keep = [t.untyped_storage() for t in exclude]  # alive, so their ids stay theirs
         self._seen: set[int] = {id(st) for st in self._keep}
 
@@ -55,17 +63,33 @@ class LiveBytes(TorchDispatchMode):
         self.peak = self.current
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         self.ops += 1
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                key = id(st)
-                if key not in self._seen:
-                    n = st.nbytes()
-                    self._seen.add(key)
-                    self.current += n
-                    weakref.finalize(st, self._free, key, n)
+        packet = func.overloadpacket
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if packet in self._flops:
+            shapes = [tuple(t.shape) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            key = f"{packet.__name__}{shapes}"
+            rec = self.matmuls.get(key)
+            if rec is None:
+                rec = self.matmuls[key] = [0, int(self._flops[packet](*args, **kwargs, out_val=out)),
+                                           sum(t.numel() * t.element_size() for t in outs)]
+            rec[0] += 1
+        inplace = packet not in self._flops and packet.__name__.endswith("_") and bool(args)
+        if inplace:  # writes its first argument (a list for _foreach), created before the mode or not
+            self.written += sum(t.numel() * t.element_size() for t in tree_flatten(args[0])[0]
+                                if isinstance(t, torch.Tensor))
+        for t in outs:
+            st = t.untyped_storage()
+            key = id(st)
+            if key not in self._seen:
+                n = st.nbytes()
+                self._seen.add(key)
+                self.current += n
+                if packet not in self._flops and not inplace:
+                    self.written += n
+                weakref.finalize(st, self._free, key, n)
         self.peak = max(self.peak, self.current)
         return out
 
@@ -124,7 +148,8 @@ def _key(k: tuple) -> str:
 
 
 class _BlockProbe:
-    """Hooks on the first block of every kind: forward FLOPs and net live bytes, backward FLOPs."""
+    """Hooks on the first block of every kind: forward FLOPs, ops, written bytes and net live bytes; backward FLOPs,
+    ops and written bytes (recompute included)."""
 
     def __init__(self, model, live: LiveBytes, fc) -> None:  # fc: a torch.utils.flop_counter.FlopCounterMode
         self.live, self.fc = live, fc
@@ -154,21 +179,26 @@ class _BlockProbe:
     def _watch(self, mod, kind: str) -> None:
         state: dict = {}
 
+        def counters():
+            return (self.fc.get_total_flops(), self.live.ops, self.live.written,
+                    {k: v[0] for k, v in self.live.matmuls.items()})
+
         def mark(which):  # backward of the block runs from its output's grad to its input's grad
             def hook(_g):
-                state[which] = self.fc.get_total_flops()
+                state[which] = counters()
             return hook
 
         def pre(_m, args):
             if self.forward_phase and kind not in self.records:
-                state["bytes"], state["flops"] = self.live.current, self.fc.get_total_flops()
+                state["bytes"], state["start"] = self.live.current, counters()
                 if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
                     args[0].register_hook(mark("in"))
 
         def post(_m, _a, out):
             if self.forward_phase and kind not in self.records:
-                self.records[kind] = {"saved": self.live.current - state["bytes"],
-                                      "fwd_flops": self.fc.get_total_flops() - state["flops"], "state": state}
+                flops, ops, written, mm = _diff(counters(), state["start"])
+                self.records[kind] = {"saved": self.live.current - state["bytes"], "fwd_flops": flops,
+                                      "fwd_ops": ops, "fwd_written": written, "fwd_matmuls": mm, "state": state}
                 y = out[0] if isinstance(out, tuple) else out
                 if y.requires_grad:
                     y.register_hook(mark("out"))
@@ -184,7 +214,7 @@ def trace_piece(model, piece: dict) -> dict:
     """Trace one piece on `model` (meta). piece: {"kind": "backbone"|"fusion"|"heads", "grad": bool, ...}.
 
     Returns fwd_flops, flops (forward + backward, recompute included), saved (live bytes at the end of the
-    forward: what the backward keeps), peak (highest live bytes), ops, and per-block records.
+    forward: what the backward keeps), peak (highest live bytes), ops, written (LiveBytes), and per-block records.
     """
     dtype = next(model.parameters()).dtype
     grads_dropped = []
@@ -215,14 +245,25 @@ def trace_piece(model, piece: dict) -> dict:
         for h in grads_dropped:
             h.remove()
     res = {"fwd_flops": int(fwd_flops), "flops": int(fc.get_total_flops()), "saved": int(saved),
-           "peak": int(live.peak), "ops": live.ops, "grad": piece["grad"], "blocks": {}}
+           "peak": int(live.peak), "ops": live.ops, "written": live.written, "matmuls": live.matmuls,
+           "grad": piece["grad"], "blocks": {}}
     if probe is not None:
         for kind, r in probe.records.items():
             st = r["state"]
-            bwd = st["in"] - st["out"] if piece["grad"] and "in" in st and "out" in st else 0
-            res["blocks"][kind] = {"saved": r["saved"], "fwd_flops": r["fwd_flops"], "flops": r["fwd_flops"] + bwd,
-                                   "a2a": probe.a2a.get(kind, 0)}
+            has_bwd = piece["grad"] and "in" in st and "out" in st
+            bwd = _diff(st["in"], st["out"]) if has_bwd else (0, 0, 0, {})
+            mm = {k: r["fwd_matmuls"].get(k, 0) + bwd[3].get(k, 0) for k in {*r["fwd_matmuls"], *bwd[3]}}
+            res["blocks"][kind] = {"saved": r["saved"], "fwd_flops": r["fwd_flops"], "flops": r["fwd_flops"] + bwd[0],
+                                   "ops": r["fwd_ops"] + bwd[1], "written": r["fwd_written"] + bwd[2],
+                                   "matmuls": {k: n for k, n in mm.items() if n}, "a2a": probe.a2a.get(kind, 0)}
     return res
+
+
+def _diff(now: tuple, then: tuple) -> tuple:
+    """Counters between two `_BlockProbe` snapshots: (flops, ops, written, {matmul key: count})."""
+    *scalars, mm = (a - b if not isinstance(a, dict) else {k: v - b.get(k, 0) for k, v in a.items()
+                                                          if v != b.get(k, 0)} for a, b in zip(now, then, strict=True))
+    return (*scalars, mm)
 
 
 def _run(model, piece: dict, dtype) -> torch.Tensor:
@@ -256,11 +297,13 @@ def _run(model, piece: dict, dtype) -> torch.Tensor:
 
 
 def scale_to_full(res: dict, extra: dict[tuple, int], counts: dict[tuple, int]) -> dict:
-    """Add the blocks the proxy left out: FLOPs, saved and peak grow by the per-block cost of each kind.
+    """Add the blocks the proxy left out: FLOPs, ops, written bytes, saved and peak grow by the per-block cost of
+    each kind.
 
     `counts`: blocks of each kind in the real model; `a2a` is one forward's all-to-all bytes over all MoE layers.
     """
-    out = {k: res[k] for k in ("fwd_flops", "flops", "saved", "peak", "ops")}
+    out = {k: res[k] for k in ("fwd_flops", "flops", "saved", "peak", "ops", "written")}
+    out["matmuls"] = {k: list(v) for k, v in res["matmuls"].items()}
     out["a2a"] = sum(counts[k] * res["blocks"][_key(k)]["a2a"] for k in counts if _key(k) in res["blocks"])
     for kind, n in extra.items():
         rec = res["blocks"].get(_key(kind))
@@ -268,6 +311,10 @@ def scale_to_full(res: dict, extra: dict[tuple, int], counts: dict[tuple, int]) 
             continue  # not a backbone piece
         out["fwd_flops"] += n * rec["fwd_flops"]
         out["flops"] += n * rec["flops"]
+        out["ops"] += n * rec["ops"]
+        out["written"] += n * rec["written"]
+        for key, count in rec["matmuls"].items():
+            out["matmuls"][key][0] += n * count
         if res["grad"]:  # kept for the backward: grows with depth; without grad only one block's output lives
             out["saved"] += n * rec["saved"]
             out["peak"] += n * rec["saved"]

@@ -48,7 +48,11 @@ def reset_peak_rss() -> bool:
 
 
 def cpu_calibration(threads: int = 1) -> dict[str, float]:
-    """This machine's fp32 matmul rate and per-op dispatch overhead, in process CPU time."""
+    """This machine's fp32 matmul rate, memory-bound write rate and per-op dispatch overhead, in process CPU time.
+
+    The write rate: output bytes per CPU-second of the memory-bound ops a transformer block runs (scale, GELU,
+    layer norm, softmax, a transposed copy, their backward through autograd) on a 2M-element tensor, measured the
+    way the planner counts them (`LiveBytes.written` of the same ops)."""
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     a, b = torch.randn(512, 512), torch.randn(512, 512)
@@ -62,8 +66,31 @@ def cpu_calibration(threads: int = 1) -> dict[str, float]:
     for _ in range(n):
         (x * 1.0001).sum().backward()  # 2 forward + ~3 backward ops
     per_op = (time.process_time() - t0) / (5 * n)
+    written = memory_bound_rate()
     torch.set_num_threads(prev)
-    return {"gflops": rate / 1e9, "op_us": per_op * 1e6}
+    return {"gflops": rate / 1e9, "op_us": per_op * 1e6, "written_GBps": written / 1e9}
+
+
+def memory_bound_rate(elements: int = 2**21, rounds: int = 5) -> float:
+    """Bytes written per CPU-second by memory-bound ops, as LiveBytes counts them."""
+    from trainer.plan_trace import LiveBytes
+
+    x = torch.randn(elements // 64, 64, requires_grad=True)
+    w, b = torch.ones(64), torch.zeros(64)
+
+    def block():
+        y = torch.nn.functional.layer_norm(x * 1.0001, (64,), w, b)
+        y = torch.nn.functional.gelu(y).softmax(-1)
+        return y.t().contiguous().sum()
+
+    block().backward()  # warm-up
+    live = LiveBytes(exclude=[x, w, b])
+    with live:
+        block().backward()
+    t0 = time.process_time()
+    for _ in range(rounds):
+        block().backward()
+    return live.written * rounds / (time.process_time() - t0)
 
 
 def measure(cfg: RunConfig, rank: int, timed_steps: int) -> dict:
@@ -133,23 +160,67 @@ def make_dataset(root: str, sets: int = 24) -> str:
     return f"{root}/data"
 
 
+TIMED_MATMULS = {"mm": torch.mm, "addmm": torch.addmm, "bmm": torch.bmm, "baddbmm": torch.baddbmm}
+
+
+class CpuMatmulTimer:
+    """The model's own matmuls timed on this CPU, one thread, fp32: `__call__(matmuls)` -> seconds for a plan's
+    {key: [count, flops, bytes]} (keys as `LiveBytes` writes them, op name + input shapes). mm/addmm/bmm/baddbmm
+    are rebuilt from their shapes and timed; the others (convolution, attention), whose keys lack their
+    arguments, take their FLOPs at the calibrated 512x512 matmul rate. Times are cached per key."""
+
+    def __init__(self, gflops: float, min_s: float = 0.02) -> None:
+        self.rate, self.min_s, self.times, self.untimed_flops = gflops * 1e9, min_s, {}, 0
+
+    def time_key(self, key: str) -> float | None:
+        import ast
+
+        name, _, rest = key.partition("[")
+        fn = TIMED_MATMULS.get(name)
+        if fn is None:
+            return None
+        if key not in self.times:
+            args = [torch.randn(shape) for shape in ast.literal_eval("[" + rest)]
+            fn(*args)
+            n, t0 = 0, time.process_time()
+            while n < 2 or time.process_time() - t0 < self.min_s:
+                fn(*args)
+                n += 1
+            self.times[key] = (time.process_time() - t0) / n
+        return self.times[key]
+
+    def __call__(self, matmuls: dict) -> float:
+        prev = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            total = 0.0
+            for key, (n, flops, _) in matmuls.items():
+                t = self.time_key(key)
+                total += n * (t if t is not None else flops / self.rate)
+            return total
+        finally:
+            torch.set_num_threads(prev)
+
+
 def cpu_hardware(cal: dict[str, float]) -> dict:
     """The plan's hardware record for this CPU: measured rate, no CUDA overhead, no slack (tensor bytes)."""
-    return {"peak_tflops": cal["gflops"] / 1e3, "mem_gib": 24.0, "nvlink_GBps": 1.0, "hbm_TBps": 0.01,
-            "launch_us": cal["op_us"], "overhead_gib": 0.0, "fragmentation": 0.0, "efficiency": 1.0}
+    return {"peak_tflops": cal["gflops"] / 1e3, "mem_gib": 24.0, "nvlink_GBps": 1.0,
+            "written_GBps": cal.get("written_GBps", 1.0), "launch_us": cal["op_us"], "overhead_gib": 0.0,
+            "fragmentation": 0.0, "efficiency": 1.0}
 
 
-def validation_cfg(recipe: str, data: str, run_dir: str) -> RunConfig:
+def validation_cfg(recipe: str, data: str, run_dir: str, overrides: list[str] = ()) -> RunConfig:
     cfg = resolve(recipe, [f"data.path={data}", f"run_dir={run_dir}", "data.num_workers=1", "metrics.port=0",
-                           "train.precision=fp32"])
+                           "train.precision=fp32", *overrides])
     cfg.train.global_batch = cfg.train.micro_batch * 2  # accumulation 1 on 2 ranks, 2 on 1 rank
     return cfg
 
 
-def predict(cfg: RunConfig, world: int, ratio: int, cal: dict) -> dict:
+def predict(cfg: RunConfig, world: int, ratio: int, cal: dict, timer: CpuMatmulTimer | None = None) -> dict:
     from trainer.plan import plan
 
-    return plan(cfg, gpus=world, gpu_kind="cpu", ratio=ratio, bf16=False, hw_override=cpu_hardware(cal))
+    return plan(cfg, gpus=world, gpu_kind="cpu", ratio=ratio, bf16=False, hw_override=cpu_hardware(cal),
+                matmul_time=timer or CpuMatmulTimer(cal["gflops"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per case")
     ap.add_argument("--port", type=int, default=29650)
     ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="recipe override for every case, e.g. train.micro_batch=4 (the global batch follows: "
+                         "micro-batch x 2)")
     args = ap.parse_args(argv)
     from dataprep.reader import DatasetReader
 
@@ -168,12 +242,13 @@ def main(argv: list[str] | None = None) -> int:
         reader = DatasetReader(data)
         ratio = reader.hr_size // reader.s2_size
         cal = cpu_calibration()
-        print(f"CPU calibration (1 thread, CPU time): matmul {cal['gflops']:.1f} GFLOP/s, {cal['op_us']:.1f} us/op; "
-              f"dataset HR:S2 ratio {ratio}")
+        timer = CpuMatmulTimer(cal["gflops"])
+        print(f"CPU calibration (1 thread, CPU time): matmul {cal['gflops']:.1f} GFLOP/s, memory-bound ops "
+              f"{cal['written_GBps']:.2f} GB/s written, {cal['op_us']:.1f} us/op; dataset HR:S2 ratio {ratio}")
         for recipe in args.recipes.split(","):
             for i, world in enumerate(int(w) for w in args.ranks.split(",")):
-                cfg = validation_cfg(recipe, data, f"{tmp}/run-{recipe}-{world}")
-                pred = predict(cfg, world, ratio, cal)
+                cfg = validation_cfg(recipe, data, f"{tmp}/run-{recipe}-{world}", args.overrides)
+                pred = predict(cfg, world, ratio, cal, timer)
                 meas = run_case(cfg, world, args.port + i, args.steps)
                 m = max(meas, key=lambda r: r["tensor_peak"])
                 p_mem = pred["memory_gib"]["total"] * GIB

@@ -34,11 +34,19 @@ def test_proxy_scaling_matches_a_full_trace():
     cfg.depths = (1, 1, 4, 1)
     pieces = [{"kind": "backbone", "modality": "hr", "size": 64, "batch": 2, "grad": True},
               {"kind": "backbone", "modality": "s2", "size": 16, "batch": 4, "grad": False}]
+    for p in pieces:  # warm the model's shape caches (window indices, masks): their first fill adds ops
+        plan_trace.trace_piece(build_model(cfg, device="meta"), p)
     scaled = plan_trace.trace_pieces(cfg, pieces, dtype=torch.float32, act_ckpt=False, cache=False)
     full = [plan_trace.trace_piece(build_model(cfg, device="meta"), p) for p in pieces]
     for s, f in zip(scaled, full, strict=True):
         assert s["fwd_flops"] == f["fwd_flops"] and s["flops"] == f["flops"]
         assert abs(s["peak"] / f["peak"] - 1) < 0.01
+        # Ops and memory-bound bytes are counted per block too (the step-time model uses both).
+        assert abs(s["ops"] / f["ops"] - 1) < 0.02, (s["ops"], f["ops"])
+        assert abs(s["written"] / f["written"] - 1) < 0.02, (s["written"], f["written"])
+        assert abs(sum(n * fl for n, fl, _ in s["matmuls"].values()) / f["flops"] - 1) < 0.01  # every FLOP in a key
+        for key, (n, _, _) in f["matmuls"].items():
+            assert s["matmuls"][key][0] == n, key
 
 
 def _batch(b: int, cfg, s: int, local: bool) -> dict:
@@ -77,8 +85,8 @@ def test_tiny_peak_memory_matches_a_measured_step(skeleton_dataset, tmp_path):
     reader = DatasetReader(str(skeleton_dataset))
     ratio = reader.hr_size // reader.s2_size
     cfg = plan_validate.validation_cfg("tiny", str(skeleton_dataset), str(tmp_path / "run"))
-    cal = {"gflops": 50.0, "op_us": 10.0}  # time is not under test
-    pred = plan_validate.predict(cfg, 1, ratio, cal)["memory_gib"]["total"] * 2**30
+    cal = {"gflops": 50.0, "op_us": 10.0, "written_GBps": 1.0}  # time is not under test
+    pred = plan_validate.predict(cfg, 1, ratio, cal, timer=lambda mm: 0.0)["memory_gib"]["total"] * 2**30
     meas = plan_validate.run_case(cfg, 1, 29640, steps=1)[0]["tensor_peak"]
     assert abs(pred / meas - 1) < MEM_TOLERANCE, (pred, meas)
 
