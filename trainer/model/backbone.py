@@ -177,7 +177,7 @@ class SkySenseV2(nn.Module):
         return {name: m for name, m in self.named_modules() if isinstance(m, SkyMoE)}
 
     def moe_stats(self) -> dict[str, dict[str, object]]:
-        """Per MoE layer (by module name): expert_counts, dropped, tokens, capacity of its last forward."""
+        """Per MoE layer (by module name): expert_counts, kept_counts, dropped, tokens, capacity of its last forward."""
         return {name: m.stats() for name, m in self.moe_layers().items()}
 
 
