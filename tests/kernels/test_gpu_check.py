@@ -106,7 +106,8 @@ def test_cuda_setup_keeps_the_installed_torch_and_triton():
 def test_dry_run_whole_flow_on_cpu(tmp_path):
     out = tmp_path / "check"
     cmd = ["bash", "launch/gpu-check.sh", "--dry-run", "--no-setup", "--out", str(out), "--budget", "1500",
-           "--gpu-tests", "tests/kernels/test_kernels_apm_merge.py", "--bench-ops", "window_attention,apm_merge"]
+           "--gpu-tests", "tests/kernels/test_kernels_apm_merge.py", "--bench-ops", "window_attention,apm_merge",
+           "--steps", "1"]  # one interpreted tiny step per backend: test_kernels_convergence.py compares longer runs
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1700)
     report = json.loads((out / "report.json").read_text())
     assert report["mode"] == "dry-run" and report["schema"] == 1
@@ -125,7 +126,7 @@ def test_dry_run_whole_flow_on_cpu(tmp_path):
     assert bench["shapes"] == "smoke" and bench["failures"] == 0 and len(bench["rows"]) == 4
     assert bench["drift"] and bench["drift"][0]["qkv_bitwise_identical"]
     cmp = by["tiny-compare"]["details"]
-    assert len(cmp["triton"]) == len(cmp["reference"]) == 2 and cmp["max_rel_diff"] <= 1e-4
+    assert len(cmp["triton"]) == len(cmp["reference"]) == 1 and cmp["max_rel_diff"] <= 1e-4
     probe = by["huge-probe"]["details"]
     assert probe["fits"] and probe["recipe"] == "tiny" and len(probe["step_s"]) == 1
     assert "model.activation_checkpointing=true" in probe["overrides"] and "train.micro_batch=1" in probe["overrides"]
