@@ -20,7 +20,8 @@ import numpy as np  # noqa: E402
 
 from trainer.summary import summarise  # noqa: E402
 
-HEALTH = ("teacher_entropy", "feature_std", "feature_cosine", "moe_max_over_mean", "teacher_distinct_argmax")
+HEALTH = ("teacher_entropy", "feature_std", "feature_cosine", "moe_max_over_mean", "moe_kept_max_over_mean",
+          "teacher_distinct_argmax")
 
 
 def load(run_dir: Path) -> list[dict]:
