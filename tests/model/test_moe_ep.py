@@ -30,19 +30,22 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
     torch.set_num_threads(1)
     init_distributed()
     groups._create_expert_and_data_parallel(2)
-    for drop_tokens in (True, False):
-        queue.put((rank, drop_tokens, _compare(rank, drop_tokens)))
+    for mode, drop_tokens, reroute in MODES:
+        queue.put((rank, mode, _compare(rank, drop_tokens, reroute)))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _compare(rank: int, drop_tokens: bool) -> dict[str, float]:
+MODES = (("drop", True, 0), ("no-drop", False, 0), ("reroute", True, 1))  # (name, drop_tokens, reroute rounds)
+
+
+def _compare(rank: int, drop_tokens: bool, reroute: int) -> dict[str, float]:
     import torch.distributed as dist
 
     from trainer.model.moe import SkyMoE
 
     dim, hidden, experts = 16, 32, 4
-    kw = dict(num_experts=experts, capacity_factor=1.0, min_capacity=2, drop_tokens=drop_tokens)
+    kw = dict(num_experts=experts, capacity_factor=1.0, min_capacity=2, drop_tokens=drop_tokens, reroute=reroute)
     torch.manual_seed(0)  # same reference weights on both ranks
     ref = SkyMoE(dim, hidden, ep_size=1, **kw)
     ep = SkyMoE(dim, hidden, ep_size=2, **kw)
@@ -85,7 +88,8 @@ def _compare(rank: int, drop_tokens: bool) -> dict[str, float]:
 
 
 def test_ep2_matches_ep1() -> None:
-    """With and without token dropping (the first launch JIT-compiles DeepSpeed's shm comm op: ~1-2 min)."""
+    """With and without token dropping, and with overflow re-routing (each rank re-routes its own tokens, as the
+    reference does); the first launch JIT-compiles DeepSpeed's shm comm op: ~1-2 min."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
@@ -93,16 +97,17 @@ def test_ep2_matches_ep1() -> None:
     for p in procs:
         p.start()
     results = {}
-    for _ in range(4):
-        rank, drop_tokens, res = queue.get(timeout=300)
-        results[rank, drop_tokens] = res
+    for _ in range(2 * len(MODES)):
+        rank, mode, res = queue.get(timeout=300)
+        results[rank, mode] = res
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    for (rank, drop_tokens), res in results.items():
+    for (rank, mode), res in results.items():
         for key in ("out", "aux", "dx", "gate", "experts"):
-            assert res[key] < 1e-5, (rank, drop_tokens, key, res)
+            assert res[key] < 1e-5, (rank, mode, key, res)
         assert res["dropped"] == res["dropped_ref"]
-        if drop_tokens:
+        if mode != "no-drop":
             assert res["capacity"] == 8  # ceil(1.0 * 32 / 4): the larger rank's token count on both ranks
-    assert sum(results[r, True]["dropped"] for r in range(2)) > 0  # the test exercises dropping
+    dropped = {mode: sum(results[r, mode]["dropped"] for r in range(2)) for mode, _, _ in MODES}
+    assert dropped["drop"] > dropped["reroute"], dropped  # the test exercises dropping, and re-routing places some
