@@ -10,6 +10,7 @@ measured CPU runs (`trainer/plan_validate.py`).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -213,6 +214,7 @@ def flops_table(traces: list[dict]) -> dict[str, dict[str, float]]:
 # the plan
 
 
+@functools.cache
 def optimizer_written_per_param() -> dict[str, float]:
     """Bytes written per parameter by one optimizer step, as LiveBytes counts them: AdamW (torch's, which DeepSpeed
     ZeRO-1/2 runs on each rank's fp32 partition) plus the copy back into the weights, and the teacher's EMA update
@@ -317,7 +319,7 @@ def plan(cfg: RunConfig, *, gpus: int, gpu_kind: str = "h20", net_kind: str = "i
     write_rate = written_rate(gpu) * 1e9
     matmul_s = matmul_time(matmuls) if matmul_time else matmul_roofline(matmuls, peak * eff, write_rate)
     memory_s, launch_s = written / write_rate, ops * launch
-    per_param = optimizer_written_per_param()
+    per_param = dict(optimizer_written_per_param())  # cached: a copy for the result
     opt_part = params["trained"] if zero == 0 else params["trained"] / gpus
     optimizer_s = (per_param["optimizer"] * opt_part +
                    per_param["ema"] * (params["non_expert"] + params["experts"] / ep)) / write_rate
@@ -507,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--efficiency", type=float, help=f"achieved fraction of peak (default {hw.COMPUTE_EFFICIENCY})")
     ap.add_argument("--set-hw", action="append", default=[], metavar="KEY=VALUE",
                     help="override a GPU figure: peak_tflops, mem_gib, nvlink_GBps, net_GBps, launch_us, "
-                         "overhead_gib, fragmentation")
+                         "overhead_gib, fragmentation, efficiency, hbm_TBps, written_GBps")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     ap.add_argument("--no-cache", action="store_true", help="trace again instead of using the trace cache")

@@ -261,9 +261,10 @@ def trace_piece(model, piece: dict) -> dict:
 
 def _diff(now: tuple, then: tuple) -> tuple:
     """Counters between two `_BlockProbe` snapshots: (flops, ops, written, {matmul key: count})."""
-    *scalars, mm = (a - b if not isinstance(a, dict) else {k: v - b.get(k, 0) for k, v in a.items()
-                                                          if v != b.get(k, 0)} for a, b in zip(now, then, strict=True))
-    return (*scalars, mm)
+    *a, mm_now = now
+    *b, mm_then = then
+    mm = {k: n - mm_then.get(k, 0) for k, n in mm_now.items() if n != mm_then.get(k, 0)}
+    return (*(x - y for x, y in zip(a, b, strict=True)), mm)
 
 
 def _run(model, piece: dict, dtype) -> torch.Tensor:

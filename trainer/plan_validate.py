@@ -174,7 +174,7 @@ class CpuMatmulTimer:
     arguments, take their FLOPs at the calibrated 512x512 matmul rate. Times are cached per key."""
 
     def __init__(self, gflops: float, min_s: float = 0.02) -> None:
-        self.rate, self.min_s, self.times, self.untimed_flops = gflops * 1e9, min_s, {}, 0
+        self.rate, self.min_s, self.times = gflops * 1e9, min_s, {}
 
     def time_key(self, key: str) -> float | None:
         import ast

@@ -84,7 +84,7 @@ class IndexMOELayer(MOELayer):
                 n_max = int(t)
             capacity = moe_capacity(n_max, e, cf, self.gate.min_capacity)
             route = ops.top1_route(x, self.gate.wg.weight, capacity, True, **self._bias_kwargs(),
-                                   **({"reroute": self.reroute} if self.reroute else {}))
+                                   reroute=self.reroute)
         else:
             route = ops.top1_route(x, self.gate.wg.weight, n, False, **self._bias_kwargs())
             capacity = n if x.is_meta else max(int(route.counts.max()), 1)
