@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--reads", type=int, default=20_000, help="random metadata reads per worker")
     bs.add_argument("--workdir", default=None, help="keep the simulated index here (reused when present)")
     bs.add_argument("--merge-rows", type=int, default=0, help="instead: rank 0's merge RSS over this many rows")
+    bs.add_argument("--manifest-rows", type=int, default=0,
+                    help="instead: a convert rank's manifest planning (time, RSS) over a manifest this long")
+    bs.add_argument("--world-size", type=int, default=16, help="with --manifest-rows: the ranks planning it")
     return p
 
 
@@ -139,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         from .bench_scale import bench_scale
 
         return bench_scale(rows=args.rows, workers=args.workers, reads=args.reads, workdir=args.workdir,
-                           merge_rows=args.merge_rows)
+                           merge_rows=args.merge_rows, manifest_rows=args.manifest_rows,
+                           world_size=args.world_size)
     return 2
 
 

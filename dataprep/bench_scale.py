@@ -104,6 +104,36 @@ def _merge(out: str, n_shards: int) -> dict:
             "peak_rss_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # fmt: skip
 
 
+def simulate_manifest(path: str, rows: int, seed: int = 0) -> None:
+    """A JSONL manifest of `rows` rows in the shape of the paper's sets: an HR file, an osm file, ~75 S2 and ~10 S1
+    frames (file path and date each). Nothing it names exists: planning a manifest does no file I/O."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for i in range(rows):
+            n = {"s2": int(rng.integers(60, 91)), "s1": int(rng.integers(5, 16))}
+            fr = {m: [{"path": f"{m}/{i:09d}_{j:03d}.tif", "date": f"2021-{1 + j % 12:02d}-{1 + j // 12:02d}"}
+                      for j in range(n[m])] for m in n}  # fmt: skip
+            f.write(json.dumps({"id": f"sim-{i:09d}", "lon": 1.0, "lat": 2.0, "hr": f"hr/{i:09d}.png",
+                                "osm": f"osm/{i:09d}.png", **fr}) + "\n")  # fmt: skip
+
+
+def _plan_rank(path: str, shard_size: int, rank: int, world_size: int) -> dict:
+    """What a convert rank does with the manifest before and while converting: scan it, then plan its own shards'
+    rows one shard at a time (as its workers do); wall time of each and peak RSS."""
+    import resource
+
+    from .manifest import plan_rows, scan
+
+    t = time.perf_counter()
+    sc = scan(path, shard_size, keep=lambda k: k % world_size == rank)
+    t_scan = time.perf_counter() - t
+    own = sum(len(plan_rows(path, None, r)) for r in sc.shards.values())
+    t_own = time.perf_counter() - t - t_scan
+    return {"world_size": world_size, "scan_s": round(t_scan, 1), "plan_own_s": round(t_own, 1), "rows": sc.rows,
+            "own_rows": own,
+            "peak_rss_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # fmt: skip
+
+
 def _mem() -> dict:
     """This process's smaps_rollup in MB: rss, pss, anon (private heap), pss_file."""
     out = {}
@@ -177,11 +207,28 @@ def _open(root: str) -> dict:
 
 
 def bench_scale(rows: int, workers: int = 4, reads: int = 20000, workdir: str | None = None, seed: int = 0,
-                merge_rows: int = 0) -> int:  # fmt: skip
+                merge_rows: int = 0, manifest_rows: int = 0, world_size: int = 16) -> int:  # fmt: skip
     """Print the figures as JSON. workdir keeps the simulated index (and what the reader built) between runs.
-    merge_rows > 0: instead, rank 0's merge (peak RSS, time) over that many rows of simulated shard metadata."""
+    merge_rows > 0: instead, rank 0's merge (peak RSS, time) over that many rows of simulated shard metadata.
+    manifest_rows > 0: instead, a convert rank's planning of a manifest that long, as rank 0 of `world_size` and
+    alone (world size 1), each in a fresh process."""
     tmp = workdir or tempfile.mkdtemp(prefix="dataprep-bench-scale-")
     root = os.path.join(tmp, f"sim-{rows}")
+    if manifest_rows:
+        path = os.path.join(tmp, f"manifest-{manifest_rows}.jsonl")
+        try:
+            t = time.perf_counter()
+            os.makedirs(tmp, exist_ok=True)
+            if not os.path.exists(path):
+                simulate_manifest(path, manifest_rows, seed)
+            res = {"manifest_rows": manifest_rows, "manifest_MB": round(os.path.getsize(path) / 2**20, 1),
+                   "simulate_s": round(time.perf_counter() - t, 1),
+                   "ranks": [_fresh("_plan_rank", path, 256, 0, w) for w in (world_size, 1)]}  # fmt: skip
+        finally:
+            if workdir is None:
+                shutil.rmtree(tmp, ignore_errors=True)
+        print(json.dumps(res, indent=1))
+        return 0
     if merge_rows:
         out = os.path.join(tmp, f"merge-{merge_rows}")
         try:

@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import time
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -19,8 +20,7 @@ import pyarrow.parquet as pq
 
 from . import index, remote
 from . import shard as shard_mod
-from .errors import Reject
-from .manifest import plan, sha256_file
+from .manifest import RowRange, plan_rows, scan, sha256_file
 from .schema import HR_BANDS, REGION_DEG, S1_BANDS, S2_BANDS, SCHEMA_VERSION, n_regions
 from .shard import ShardConfig, StrictStop, read_shard_meta, shard_name, write_shard
 
@@ -103,8 +103,8 @@ class _Metrics:
 
 
 def _work(args):
-    k, items, cfg, shards_dir, strict = args
-    return write_shard(k, items, cfg, shards_dir, strict)
+    k, manifest, root, rows, cfg, shards_dir, strict = args
+    return write_shard(k, plan_rows(manifest, root, rows), cfg, shards_dir, strict)
 
 
 def _count_rows_into(counter) -> None:
@@ -129,13 +129,12 @@ def _clean_tmp(shards_dir: str, mine: set[int]) -> None:
 def convert(cfg: ConvertConfig) -> int:
     """Run one rank of a conversion. Returns the exit status: 0 clean, 1 rows rejected, 2 stopped/failed."""
     K = cfg.shard.shard_size
-    info: dict = {}
-    try:
-        items = plan(cfg.manifest, cfg.root, keep=lambda row: (row // K) % cfg.world_size == cfg.rank, info=info)
+    try:  # this rank's shards' rows are decoded by the workers converting them; here they are only located
+        sc = scan(cfg.manifest, K, keep=lambda k: k % cfg.world_size == cfg.rank)
     except (OSError, ValueError) as e:  # the manifest itself is unreadable: nothing to convert row by row
         print(f"dataprep: cannot read manifest {cfg.manifest}: {e}", file=sys.stderr)
         return 2
-    cfg.shard.has_osm = info["has_osm"]
+    cfg.shard.has_osm = sc.has_osm  # every rank reaches the same answer: any row names an osm file
     target = None
     if remote.is_url(cfg.out):
         from .s3write import S3Error, S3Target
@@ -146,26 +145,22 @@ def convert(cfg: ConvertConfig) -> int:
             print(f"dataprep: {e}", file=sys.stderr)
             return 2
         cfg = replace(cfg, out=str(target.stage))
-    n_shards = max(1, math.ceil(len(items) / K))
-    if cfg.strict:
-        first = next((it for it in items if isinstance(it, Reject)), None)
-        if first is not None:
-            print(f"dataprep: --strict: manifest row {first.row}: {first.kind}: {first.message}", file=sys.stderr)
-            return 2
+    n_shards = max(1, math.ceil(sc.rows / K))
     shards_dir = os.path.join(cfg.out, "shards")
     os.makedirs(shards_dir, exist_ok=True)
     mine = list(range(cfg.rank, n_shards, cfg.world_size))
     _clean_tmp(shards_dir, set(mine))
     if target is None:
-        return _convert(cfg, items, n_shards, shards_dir, mine, None)
+        return _convert(cfg, sc.shards, n_shards, shards_dir, mine, None)
     try:
-        return _convert(cfg, items, n_shards, shards_dir, mine, target)
+        return _convert(cfg, sc.shards, n_shards, shards_dir, mine, target)
     except S3Error as e:
         print(f"dataprep: {e}", file=sys.stderr)
         return 2
 
 
-def _convert(cfg: ConvertConfig, items: list, n_shards: int, shards_dir: str, mine: list[int], target) -> int:
+def _convert(cfg: ConvertConfig, ranges: dict[int, RowRange], n_shards: int, shards_dir: str, mine: list[int],
+             target) -> int:  # fmt: skip
     fp = cfg.shard.fingerprint()
     todo, staged = [], []  # to convert; converted in the stage but not uploaded yet (out = s3://...)
     for k in mine:
@@ -184,15 +179,13 @@ def _convert(cfg: ConvertConfig, items: list, n_shards: int, shards_dir: str, mi
         target.upload_shard(k)
     metrics = _Metrics(cfg.metrics_port)
     try:
-        return _run(cfg, items, n_shards, shards_dir, mine, todo, metrics, target)
+        return _run(cfg, ranges, n_shards, shards_dir, mine, todo, metrics, target)
     finally:
         metrics.close()
 
 
-def _run(cfg: ConvertConfig, items: list, n_shards: int, shards_dir: str, mine: list[int], todo: list[int],
-         metrics: _Metrics, target=None) -> int:  # fmt: skip
-    K = cfg.shard.shard_size
-
+def _run(cfg: ConvertConfig, ranges: dict[int, RowRange], n_shards: int, shards_dir: str, mine: list[int],
+         todo: list[int], metrics: _Metrics, target=None) -> int:  # fmt: skip
     def meta_of(k: int) -> dict | None:
         return read_shard_meta(os.path.join(shards_dir, shard_name(k))) if target is None else target.shard_meta(k)
 
@@ -200,8 +193,8 @@ def _run(cfg: ConvertConfig, items: list, n_shards: int, shards_dir: str, mine: 
         if target is not None:
             target.upload_shard(s["shard"])
         metrics.update(s)
-    tasks = [(k, items[k * K : (k + 1) * K], cfg.shard, shards_dir, cfg.strict) for k in todo]
-    total_rows = sum(len(t[1]) for t in tasks)
+    tasks = [(k, cfg.manifest, cfg.root, ranges[k], cfg.shard, shards_dir, cfg.strict) for k in todo]
+    total_rows = sum(t[3].last - t[3].first for t in tasks)
     from tqdm import tqdm
 
     bar = tqdm(total=total_rows, unit="set", desc=f"dataprep rank {cfg.rank}",
@@ -265,7 +258,11 @@ def _run(cfg: ConvertConfig, items: list, n_shards: int, shards_dir: str, mine: 
                 print("dataprep: timed out waiting for the other ranks' shards", file=sys.stderr)
                 return 2
             time.sleep(1.0)
-        summary = merge(cfg, n_shards, meta_of)
+        try:
+            summary = merge(cfg, n_shards, meta_of)
+        except StrictStop as e:  # a duplicate id across ranks: no rank could stop on it earlier
+            print(f"dataprep: --strict: {e}", file=sys.stderr)
+            return 2
         if target is not None:
             target.upload_dataset_files()
         status = 1 if summary["rejected"] else 0
@@ -289,6 +286,7 @@ class _BatchedTable:
         self.writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
         self.cols: dict[str, list] = {f.name: [] for f in schema}
         self.n = self.rows = 0
+        self.pending: list[pa.Table] = []  # add_table's rows not written yet
 
     def add(self, row: dict) -> None:
         for name, col in self.cols.items():
@@ -297,17 +295,86 @@ class _BatchedTable:
         if self.n >= MERGE_BATCH:
             self.flush()
 
+    def add_table(self, t: pa.Table) -> None:
+        """Rows as an Arrow table (not mixed with add): written in the same MERGE_BATCH-row groups as add's."""
+        self.pending.append(t)
+        self.n += len(t)
+        while self.n >= MERGE_BATCH:
+            whole = pa.concat_tables(self.pending)
+            self.writer.write_table(whole.slice(0, MERGE_BATCH))
+            self.pending, self.n, self.rows = [whole.slice(MERGE_BATCH)], self.n - MERGE_BATCH, self.rows + MERGE_BATCH
+
     def flush(self) -> None:
-        if self.n:
+        if self.pending and self.n:
+            self.writer.write_table(pa.concat_tables(self.pending))
+        elif self.n:
             self.writer.write_table(pa.table(self.cols, schema=self.schema))
         self.rows += self.n
         self.cols = {name: [] for name in self.cols}
-        self.n = 0
+        self.n, self.pending = 0, []
 
-    def commit(self) -> None:
+    def close(self) -> None:
         self.flush()
         self.writer.close()
+
+    def commit(self) -> None:
+        self.close()
         os.replace(self.tmp, self.path)
+
+
+def _cross_rank_duplicates(path: str, hashes: array) -> list[dict]:
+    """The rows of the index file at `path` whose id an earlier row already has, in file order, each with the
+    manifest row of the id's first occurrence ("of"). Candidates come from the ids' 64-bit hashes (8 B a row, so
+    21M rows cost 168 MB), confirmed by comparing the ids themselves."""
+    h = np.frombuffer(hashes, np.int64)
+    s = np.sort(h)
+    repeated = s[1:][s[1:] == s[:-1]]
+    if not len(repeated):
+        return []
+    candidate = np.isin(h, repeated)
+    first: dict[str, int] = {}
+    out, pos = [], 0
+    for b in pq.ParquetFile(path).iter_batches(batch_size=MERGE_BATCH,
+                                               columns=["id", "manifest_row", "shard", "n_s2", "n_s1"]):  # fmt: skip
+        sel = np.nonzero(candidate[pos : pos + len(b)])[0]
+        for i, r in zip(sel, b.take(pa.array(sel)).to_pylist()):
+            if r["id"] in first:
+                out.append({**r, "position": pos + int(i), "of": first[r["id"]]})
+            else:
+                first[r["id"]] = r["manifest_row"]
+        pos += len(b)
+    return out
+
+
+def _drop_duplicates(rows: _BatchedTable, errors: _BatchedTable, dups: list[dict]) -> None:
+    """Rewrite the closed index file without the rows `dups`, and the closed errors file with their duplicate_id
+    errors in the places a single rank would have put them (shard, then manifest row); both stream in batches."""
+    drop = np.zeros(rows.rows, bool)
+    drop[[d["position"] for d in dups]] = True
+    rows_in, errors_in = rows.tmp + ".in", errors.tmp + ".in"
+    os.replace(rows.tmp, rows_in)
+    os.replace(errors.tmp, errors_in)
+    new_rows = _BatchedTable(rows.path, rows.schema)
+    pos = 0
+    for b in pq.ParquetFile(rows_in).iter_batches(batch_size=MERGE_BATCH):
+        new_rows.add_table(pa.Table.from_batches([b.filter(pa.array(~drop[pos : pos + len(b)]))]))
+        pos += len(b)
+    new_rows.commit()
+    added = [{"id": d["id"], "manifest_row": d["manifest_row"], "shard": d["shard"], "kind": "duplicate_id",
+              "message": f"id {d['id']}: duplicate of manifest row {d['of']}", "path": ""} for d in dups]  # fmt: skip
+    new_errors, j = _BatchedTable(errors.path, errors.schema), 0
+    for b in pq.ParquetFile(errors_in).iter_batches(batch_size=MERGE_BATCH):
+        for e in b.to_pylist():
+            while j < len(added) and (added[j]["shard"], added[j]["manifest_row"]) < (e["shard"], e["manifest_row"]):
+                new_errors.add(added[j])
+                j += 1
+            new_errors.add(e)
+    for e in added[j:]:
+        new_errors.add(e)
+    new_errors.commit()
+    os.remove(rows_in)
+    os.remove(errors_in)
+    rows.rows, errors.rows = new_rows.rows, new_errors.rows
 
 
 def merge(cfg: ConvertConfig, n_shards: int, meta_of: Callable[[int], dict | None] | None = None) -> dict:
@@ -322,10 +389,12 @@ def merge(cfg: ConvertConfig, n_shards: int, meta_of: Callable[[int], dict | Non
     acc = {m: {"count": 0, "sum": None, "sumsq": None} for m in ("hr", "s2", "s1")}
     frames = {"s2": 0, "s1": 0}
     by_kind: dict[str, int] = {}
+    hashes = array("q")  # of every row's id, for the duplicates across ranks (no rank saw the others' ids)
     for k in range(n_shards):
         meta = meta_of(k)
         for r in meta["rows"]:
             rows.add({**ROW_DEFAULTS, **r, "shard": k, "source": source})
+            hashes.append(hash(r["id"]))
             frames["s2"] += r["n_s2"]
             frames["s1"] += r["n_s1"]
         for e in meta["errors"]:
@@ -337,8 +406,25 @@ def merge(cfg: ConvertConfig, n_shards: int, meta_of: Callable[[int], dict | Non
             a["sum"] = np.array(st["sum"]) if a["sum"] is None else a["sum"] + np.array(st["sum"])
             a["sumsq"] = np.array(st["sumsq"]) if a["sumsq"] is None else a["sumsq"] + np.array(st["sumsq"])
         del meta
-    rows.commit()
-    errors.commit()
+    rows.close()
+    errors.close()
+    dups = _cross_rank_duplicates(rows.tmp, hashes)
+    del hashes
+    if dups and cfg.strict:
+        os.remove(rows.tmp)
+        os.remove(errors.tmp)
+        d = dups[0]
+        raise StrictStop(f"manifest row {d['manifest_row']} (id {d['id']!r}): duplicate_id: "
+                         f"id {d['id']}: duplicate of manifest row {d['of']}")  # fmt: skip
+    if dups:  # their sets stay in the shards unlisted; the band statistics include their pixels
+        _drop_duplicates(rows, errors, dups)
+        by_kind["duplicate_id"] = by_kind.get("duplicate_id", 0) + len(dups)
+        for d in dups:
+            frames["s2"] -= d["n_s2"]
+            frames["s1"] -= d["n_s1"]
+    else:
+        os.replace(rows.tmp, rows.path)
+        os.replace(errors.tmp, errors.path)
     index.ensure(cfg.out)  # the row index the trainer's reader reads (dataprep.index)
     stats = {}
     for m, a in acc.items():

@@ -63,43 +63,158 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def read_manifest(path: str | os.PathLike) -> Iterator[RawRow]:
-    """Yield every row in order (streaming: a 21M-row manifest is never held whole); malformed lines become
-    RawRow(data=None, error=...) instead of raising."""
-    path = Path(path)
+@dataclass(frozen=True, slots=True)
+class RowRange:
+    """Manifest rows [first, last): in JSONL/CSV at bytes [start, stop) of the file, `line` the first one's line
+    number; in Parquet the rows themselves."""
+
+    first: int
+    last: int
+    start: int = 0
+    stop: int = 0
+    line: int = 1
+
+
+@dataclass(kw_only=True, slots=True)
+class Scan:
+    """One pass over a manifest that decodes almost nothing: its row count, whether any row names an osm file
+    (has_osm, which every rank must agree on), and where the rows of each kept shard are."""
+
+    rows: int = 0
+    has_osm: bool = False
+    shards: dict[int, RowRange] = field(default_factory=dict)
+
+
+def _suffix(path: Path) -> str:
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            n = 0
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    d = json.loads(line)
-                    if not isinstance(d, dict):
-                        raise ValueError("not a JSON object")
-                    yield RawRow(row=n, data=d)
-                except ValueError as e:
-                    yield RawRow(row=n, data=None, error=f"{path.name} line {lineno}: {e}")
-                n += 1
-    elif suffix == ".csv":
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
-            reader = csv.DictReader(f)
-            for n, d in enumerate(reader):
-                if None in d or any(v is None for v in d.values()):
-                    yield RawRow(row=n, data=None, error=f"{path.name} line {reader.line_num}: wrong column count")
-                    continue
-                yield RawRow(row=n, data={k: (v if v != "" else None) for k, v in d.items()})
-    elif suffix in (".parquet", ".pq"):
+    kinds = {"jsonl": (".jsonl", ".json", ".ndjson"), "csv": (".csv",), "parquet": (".parquet", ".pq")}
+    for kind, names in kinds.items():
+        if suffix in names:
+            return kind
+    raise ValueError(f"manifest {path}: unknown format {suffix!r} (use .jsonl, .csv or .parquet)")
+
+
+def _records(f, pos: int, line: int, quoted: bool):
+    """(start, stop, first line, record bytes) of each non-blank record from the binary file f, positioned at byte
+    `pos`, physical line `line`. CSV (`quoted`): a newline inside a quoted field continues the record."""
+    parts, start, first = [], pos, line
+    for raw in f:
+        parts.append(raw)
+        pos += len(raw)
+        line += 1
+        if quoted and sum(p.count(b'"') for p in parts) % 2:
+            continue
+        rec = b"".join(parts) if len(parts) > 1 else raw
+        if rec.strip():
+            yield start, pos, first, rec
+        parts, start, first = [], pos, line
+
+
+def _csv_header(f) -> tuple[list[str], int, int]:
+    """(column names, byte and line number after it) of a CSV file's header record, f at its start."""
+    parts, pos, line = [], 0, 1
+    for raw in f:
+        parts.append(raw)
+        pos, line = pos + len(raw), line + 1
+        rec = b"".join(parts)
+        if rec.count(b'"') % 2 == 0:
+            return next(csv.reader([rec.decode("utf-8", errors="replace")]), []), pos, line
+    return [], pos, line
+
+
+def scan(path: str | os.PathLike, shard_size: int, keep: Callable[[int], bool] | None = None) -> Scan:
+    """Scan (above) of the manifest at `path`; shards k with keep(k) (default all) get their RowRange. Rows are
+    decoded only to learn has_osm, and only until a row names osm (JSONL: only lines holding the key's name)."""
+    path, out = Path(path), Scan()
+    kind = _suffix(path)
+    if kind == "parquet":
         import pyarrow.parquet as pq
 
+        pf = pq.ParquetFile(path)
+        out.rows = pf.metadata.num_rows
+        if "osm" in pf.schema_arrow.names:
+            out.has_osm = any(b.column(0).null_count < len(b) for b in pf.iter_batches(columns=["osm"]))
+        out.shards = {k: RowRange(k * shard_size, min(out.rows, (k + 1) * shard_size))
+                      for k in range(-(-out.rows // shard_size)) if keep is None or keep(k)}  # fmt: skip
+        return out
+    ranges: dict[int, list] = {}
+    with open(path, "rb") as f:
+        cols, pos, line = _csv_header(f) if kind == "csv" else ([], 0, 1)
+        osm_col = cols.index("osm") if "osm" in cols else None
+        for start, stop, first, rec in _records(f, pos, line, quoted=kind == "csv"):
+            k = out.rows // shard_size
+            r = ranges.get(k)
+            if r is not None:
+                r[1], r[3] = out.rows + 1, stop
+            elif keep is None or keep(k):
+                ranges[k] = [out.rows, out.rows + 1, start, stop, first]
+            if not out.has_osm:
+                out.has_osm = _names_osm(rec, kind, osm_col)
+            out.rows += 1
+    out.shards = {k: RowRange(*r) for k, r in ranges.items()}
+    return out
+
+
+def _names_osm(rec: bytes, kind: str, osm_col: int | None) -> bool:
+    if kind == "csv":
+        if osm_col is None:
+            return False
+        cells = next(csv.reader([rec.decode("utf-8", errors="replace")]), [])
+        return osm_col < len(cells) and cells[osm_col] != ""
+    if b'"osm"' not in rec:
+        return False
+    try:
+        d = json.loads(rec)
+    except ValueError:
+        return False
+    return isinstance(d, dict) and d.get("osm") is not None
+
+
+def read_rows(path: str | os.PathLike, rows: RowRange | None = None) -> Iterator[RawRow]:
+    """Yield the manifest's rows (all, or those of `rows`, a RowRange from `scan`) in order, streaming: a 21M-row
+    manifest is never held whole. Malformed lines become RawRow(data=None, error=...) instead of raising."""
+    path = Path(path)
+    kind = _suffix(path)
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        lo, hi = (0, pf.metadata.num_rows) if rows is None else (rows.first, rows.last)
         n = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-            for d in batch.to_pylist():
-                yield RawRow(row=n, data=d)
-                n += 1
-    else:
-        raise ValueError(f"manifest {path}: unknown format {suffix!r} (use .jsonl, .csv or .parquet)")
+        for g in range(pf.metadata.num_row_groups):  # only the row groups holding rows [lo, hi)
+            m = pf.metadata.row_group(g).num_rows
+            if n + m > lo and n < hi:
+                for i, d in enumerate(pf.read_row_group(g).slice(max(lo - n, 0), hi - max(lo, n)).to_pylist()):
+                    yield RawRow(row=max(lo, n) + i, data=d)
+            n += m
+        return
+    with open(path, "rb") as f:
+        cols, pos, line = _csv_header(f) if kind == "csv" else ([], 0, 1)
+        n = 0
+        if rows is not None:
+            f.seek(rows.start)
+            pos, line, n = rows.start, rows.line, rows.first
+        for start, _, first, rec in _records(f, pos, line, quoted=kind == "csv"):
+            if rows is not None and start >= rows.stop:
+                return
+            yield _decode(rec, kind, cols, n, f"{path.name} line {first}")
+            n += 1
+
+
+def _decode(rec: bytes, kind: str, cols: list[str], n: int, where: str) -> RawRow:
+    text = rec.decode("utf-8", errors="replace")
+    if kind == "csv":
+        cells = next(csv.reader([text]), [])
+        if len(cells) != len(cols):
+            return RawRow(row=n, data=None, error=f"{where}: wrong column count")
+        return RawRow(row=n, data={k: (v if v != "" else None) for k, v in zip(cols, cells)})
+    try:
+        d = json.loads(text)
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
+        return RawRow(row=n, data=d)
+    except ValueError as e:
+        return RawRow(row=n, data=None, error=f"{where}: {e}")
 
 
 def _resolve(p, base: str, root: str | None, what: str) -> str:
@@ -200,39 +315,37 @@ def parse_row(raw: RawRow, base: str, root: str | None) -> SetSpec:
                    hr_bands=hr_bands, lonlat_from_raster=from_raster)
 
 
-def plan(
-    manifest: str | os.PathLike,
-    root: str | os.PathLike | None = None,
-    keep: Callable[[int], bool] | None = None,
-    info: dict | None = None,
-) -> list[SetSpec | Reject | None]:
-    """Parse and row-check a whole manifest: one SetSpec or Reject per row, in manifest order.
-
-    Duplicate ids: the first occurrence is kept, later ones are rejected. Rejects carry `.row` and `.id`.
-    Rows for which keep(row) is False are checked (so every rank agrees on duplicates) but stored as None:
-    a rank holds full specs only for its own shards, plus the id of every row (~100 B a row).
-    `info`, when given, receives dataset-wide facts every rank must agree on: {"has_osm": bool}.
-    """
+def plan_rows(manifest: str | os.PathLike, root: str | os.PathLike | None = None,
+              rows: RowRange | None = None) -> list[SetSpec | Reject]:  # fmt: skip
+    """Parse and row-check the manifest's rows (all, or a RowRange from `scan`): one SetSpec or Reject per row, in
+    manifest order. Rejects carry `.row` and `.id`. Duplicate ids are not checked here: a rank sees only its own
+    shards' rows, so the merge rejects them (dataprep.convert.merge; `plan` below checks them for a whole file)."""
     manifest = Path(manifest)
     base = str(manifest.resolve().parent)
     root_p = os.path.realpath(root) if root is not None else None
-    out: list[SetSpec | Reject | None] = []
-    seen: dict[str, int] = {}
-    has_osm = False
-    for raw in read_manifest(manifest):
-        mine = keep is None or keep(raw.row)
+    out: list[SetSpec | Reject] = []
+    for raw in read_rows(manifest, rows):
         try:
-            spec = parse_row(raw, base, root_p)
-            if spec.id in seen:
-                raise Reject("duplicate_id", f"id {spec.id}: duplicate of manifest row {seen[spec.id]}")
-            seen[spec.id] = raw.row
-            has_osm = has_osm or spec.osm is not None
-            out.append(spec if mine else None)
+            out.append(parse_row(raw, base, root_p))
         except Reject as r:
             r.row = raw.row
             d = raw.data or {}
             r.id = str(d.get("id")) if d.get("id") is not None else ""
-            out.append(r if mine else None)
-    if info is not None:
-        info["has_osm"] = has_osm
+            out.append(r)
+    return out
+
+
+def plan(manifest: str | os.PathLike, root: str | os.PathLike | None = None) -> list[SetSpec | Reject]:
+    """plan_rows over the whole manifest, with duplicate ids rejected (the first occurrence is kept), as the
+    merge of a conversion rejects them. For tools that want a whole small manifest planned (dataprep bench)."""
+    out: list[SetSpec | Reject] = []
+    seen: dict[str, int] = {}
+    for item in plan_rows(manifest, root):
+        if isinstance(item, SetSpec):
+            if item.id in seen:
+                r = Reject("duplicate_id", f"id {item.id}: duplicate of manifest row {seen[item.id]}")
+                r.row, r.id, item = item.row, item.id, r
+            else:
+                seen[item.id] = item.row
+        out.append(item)
     return out
