@@ -2,7 +2,7 @@
 
 Entry point: `python -m dataprep {sample,convert,verify,inspect,bench,bench-read,bench-scale}`;
 layout: docs/dataprep.md.
-The trainer reads datasets (local folders or s3://bucket/prefix) through `dataprep.reader.DatasetReader`
+The trainer reads datasets (local folders, s3:// or gs://bucket/prefix) through `dataprep.reader.DatasetReader`
 (tensorstore underneath: dataprep.tsio, dataprep.remote).
 """
 

@@ -54,6 +54,9 @@ class S3Target:
     """The dataset at `url` being written from the staging folder `stage`."""
 
     def __init__(self, url: str, stage: str | os.PathLike | None = None, keep_stage: bool = False):
+        if not url.startswith("s3://"):  # gs:// is read-only here (dataprep.remote): no GCS writer
+            raise S3Error(f"{url}: convert writes to local folders and s3:// only; convert locally and copy with "
+                          "`gcloud storage cp -r`")  # fmt: skip
         import boto3
         from boto3.exceptions import Boto3Error
         from botocore.config import Config

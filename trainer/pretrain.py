@@ -13,6 +13,7 @@ import os
 import sys
 import warnings
 
+from dataprep.remote import is_url
 from trainer.checkpoint import ResumeError
 from trainer.config import RECIPES, ConfigError, resolve
 from trainer.distributed import init_distributed, shutdown_distributed
@@ -24,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recipe", default="tiny", choices=sorted(RECIPES), help="base configuration (default: tiny)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, repeatable: --set model.depths=2,2,6,2 --set train.micro_batch=4")
-    p.add_argument("--data", help="a dataprep dataset directory or s3://bucket/prefix (sets data.path)")
+    p.add_argument("--data", help="a dataprep dataset directory, or s3:// or gs://bucket/prefix (sets data.path)")
     p.add_argument("--max-steps", type=int, help="stop after step N (sets train.stop_step); the schedules keep "
                    "spanning train.max_steps")
     p.add_argument("--run-dir", help="where config.json, checkpoints and metrics.jsonl go (sets run_dir)")
@@ -49,8 +50,8 @@ def build_config(args: argparse.Namespace):
     cfg = resolve(args.recipe, overrides)
     if not cfg.data.path:
         raise ConfigError("no dataset: pass --data DIR (a directory written by `python -m dataprep convert`)")
-    remote = cfg.data.path.startswith("s3://")  # checked when opened (dataprep.remote), with the S3 error
-    if not remote and not os.path.exists(os.path.join(cfg.data.path, "index.parquet")):
+    # s3:// and gs:// are checked when opened (dataprep.remote), with the object store's error
+    if not is_url(cfg.data.path) and not os.path.exists(os.path.join(cfg.data.path, "index.parquet")):
         raise ConfigError(f"--data {cfg.data.path} is not a dataprep dataset (no index.parquet)")
     t = cfg.train
     if t.stop_step < 0 or t.max_bad_steps < 0 or t.collective_timeout_s <= 0:

@@ -41,6 +41,35 @@ def convert_inproc(manifest: Path, out: Path, **kw) -> int:
     return convert(ConvertConfig(manifest=str(manifest), out=str(out), shard=shard, progress=False, **kw))
 
 
+LOADER = """
+import numpy as np, torch
+from torch.utils.data import DataLoader
+from trainer.config import DataConfig
+from trainer.data import PretrainViews, ResumableSampler
+cfg = DataConfig(path={url!r}, local_crops=1, photometric=False, num_workers=2)
+ds = PretrainViews({url!r}, cfg)  # opens the dataset in this (parent) process: metadata only
+sampler = ResumableSampler(global_batch=4, micro_batch=4, rank=0, world_size=1)
+loader = DataLoader(ds, batch_size=4, sampler=sampler, num_workers=2, multiprocessing_context="fork")
+ref = PretrainViews({local!r}, cfg)
+for k, batch in zip(range(3), loader):
+    for j, q in enumerate(sampler.positions(k)):
+        want = ref[q]
+        assert batch["index"][j] == want["index"]
+        for v in range(2):
+            for m in ("hr", "s2", "s1"):
+                assert np.array_equal(batch["views"][v][m][j].numpy(), want["views"][v][m]), (k, j, v, m)
+print("ok")
+"""
+
+
+def run_loader(url: str, local: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The training loader (2 forked DataLoader workers) over the dataset at `url`, in a fresh process with `env`,
+    checked batch by batch against the same samples cut from the local copy `local`; prints "ok" when all match."""
+    return subprocess.run([sys.executable, "-c", LOADER.format(url=url, local=str(local))], cwd=REPO,
+                          env={**os.environ, **env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+
+
 SIZES = {"hr": HR, "osm": HR, "s2": S2, "s1": S2}
 
 

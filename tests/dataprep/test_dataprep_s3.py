@@ -4,10 +4,6 @@ S3 server on loopback (a separate process), compared with the local dataset read
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -15,7 +11,7 @@ import pytest
 from dataprep import remote
 from dataprep.errors import ChecksumError
 from dataprep.reader import DatasetReader
-from tests.dataprep.dp_helpers import REPO, random_request
+from tests.dataprep.dp_helpers import random_request, run_loader
 
 pytest.importorskip("moto.server", reason="moto[server] (the test extra) runs the loopback S3 server")
 URL = "s3://bkt/sets/v1"
@@ -81,32 +77,9 @@ def test_corrupt_object_on_s3_is_a_checksum_error(dataset, s3):
         r.read(i, "hr")
 
 
-LOADER = """
-    import numpy as np, torch
-    from torch.utils.data import DataLoader
-    from trainer.config import DataConfig
-    from trainer.data import PretrainViews, ResumableSampler
-    cfg = DataConfig(path={url!r}, local_crops=1, photometric=False, num_workers=2)
-    ds = PretrainViews({url!r}, cfg)  # opens the dataset in this (parent) process: metadata only
-    sampler = ResumableSampler(global_batch=4, micro_batch=4, rank=0, world_size=1)
-    loader = DataLoader(ds, batch_size=4, sampler=sampler, num_workers=2, multiprocessing_context="fork")
-    ref = PretrainViews({local!r}, cfg)
-    for k, batch in zip(range(3), loader):
-        for j, q in enumerate(sampler.positions(k)):
-            want = ref[q]
-            assert batch["index"][j] == want["index"]
-            for v in range(2):
-                for m in ("hr", "s2", "s1"):
-                    assert np.array_equal(batch["views"][v][m][j].numpy(), want["views"][v][m]), (k, j, v, m)
-    print("ok")
-"""
-
-
 def test_dataloader_fork_workers_read_s3(dataset, s3):
     """The training loader's forked workers open their own tensorstore handles on S3 (the parent fetched the
     metadata in a child process, so it never ran tensorstore itself) and cut the same samples as a local copy."""
     _, env = s3
-    p = subprocess.run([sys.executable, "-c", textwrap.dedent(LOADER.format(url=URL, local=str(dataset)))],
-                       cwd=REPO, env={**os.environ, **env, "PYTHONPATH": str(REPO)},
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    p = run_loader(URL, dataset, env)
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
