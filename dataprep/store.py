@@ -127,10 +127,16 @@ class _TsArray:
     def __getitem__(self, sl):
         from . import tsio
 
-        sl = sl if isinstance(sl, tuple) else (sl,)
-        box = tuple(slice(*s.indices(n)[:2]) if isinstance(s, slice) else s for s, n in zip(sl, self.shape))
-        box = tuple(slice(s.start, max(s.start, s.stop)) if isinstance(s, slice) else s for s in box)
+        box = tuple(_clip(s, n) for s, n in zip(sl if isinstance(sl, tuple) else (sl,), self.shape))
         return tsio.result(self.a[box].read(), self.what)
+
+
+def _clip(s, n: int):
+    """A slice of an axis of length n as numpy reads it (tensorstore refuses bounds outside the array)."""
+    if not isinstance(s, slice):
+        return s
+    lo, hi, _ = s.indices(n)
+    return slice(lo, max(lo, hi))
 
 
 def _object_sizes(kv, batch: int = 512) -> dict[str, int]:
@@ -138,10 +144,11 @@ def _object_sizes(kv, batch: int = 512) -> dict[str, int]:
     16 bytes per inner chunk: chunks + index, as dataprep and zarr-python write them, without gaps); any other
     object is read whole."""
     keys = [k.decode() for k in kv.list().result()]
-    metas = {k[: -len("zarr.json")]: json.loads(v.value) for k, v in
-             _read_all(kv, [k for k in keys if k.rsplit("/", 1)[-1] == "zarr.json"], batch).items()}  # fmt: skip
+    metas = _read_all(kv, [k for k in keys if k.rsplit("/", 1)[-1] == "zarr.json"], batch)
+    sizes = {k: len(r.value) for k, r in metas.items()}
     index_bytes = {}
-    for folder, m in metas.items():
+    for key, r in metas.items():
+        folder, m = key[: -len("zarr.json")], json.loads(r.value)
         c = (m.get("codecs") or [{}])[0]
         if m.get("node_type") == "array" and c.get("name") == "sharding_indexed" and \
                 c["configuration"].get("index_location", "end") == "end":  # fmt: skip
@@ -149,14 +156,14 @@ def _object_sizes(kv, batch: int = 512) -> dict[str, int]:
             n = int(np.prod([s // i for s, i in zip(shard, inner)]))
             crc = any(x["name"] == "crc32c" for x in c["configuration"]["index_codecs"])
             index_bytes[folder] = 16 * n + 4 * crc
-    sizes = {}
     sharded = {k: index_bytes[f] for k in keys if (f := k.rsplit("/", 1)[0] + "/") in index_bytes
-               and k != f + "zarr.json"}  # fmt: skip
+               and k not in sizes}  # fmt: skip
     for k, r in _read_all(kv, list(sharded), batch, tail=sharded).items():
         ix = np.frombuffer(r.value[: 16 * (len(r.value) // 16)], "<u8").reshape(-1, 2)
         used = ix[ix[:, 0] != MAX_U64]
         sizes[k] = int((used[:, 0] + used[:, 1]).max()) + sharded[k] if len(used) else sharded[k]
-    sizes.update({k: len(r.value) for k, r in _read_all(kv, [k for k in keys if k not in sharded], batch).items()})
+    rest = [k for k in keys if k not in sizes]
+    sizes.update({k: len(r.value) for k, r in _read_all(kv, rest, batch).items()})
     return sizes
 
 
