@@ -40,11 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--crop", action="store_true", help="centre-crop larger rasters instead of rejecting them")
     c.add_argument("--strict", action="store_true", help="stop at the first rejected row")
     c.add_argument("--missing-bands", choices=("reject", "zero"), default="reject",
-                   help="an S2/S1 source lacking SkySense bands: reject the row, or zero-fill (recorded in the index)")
+                   help="an S2/S1 source lacking SkySense bands: reject the row, or zero-fill "
+                        "(recorded in the index)")  # fmt: skip
     c.add_argument("--resample-hr", action="store_true",
-                   help="area-average HR images of another size to --hr-size (any ratio) instead of rejecting them")
+                   help="area-average HR images of another size to --hr-size (any ratio) "
+                        "instead of rejecting them")  # fmt: skip
     c.add_argument("--cloud-max", type=float, default=None,
-                   help="drop S2 frames whose SCL cloud fraction exceeds this (0..1)")
+                   help="drop S2 frames whose SCL cloud fraction exceeds this (0..1)")  # fmt: skip
     c.add_argument("--rank", type=int, default=_env_int("RANK", 0))
     c.add_argument("--world-size", type=int, default=_env_int("WORLD_SIZE", 1))
     c.add_argument("--metrics-port", type=int, default=None)
@@ -55,13 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     ig.add_argument("--out", required=True, help="folder for manifest.jsonl (paths in it are relative to it)")
 
     v = sub.add_parser("verify", help="read every chunk and cross-check the index against the stores")
-    v.add_argument("dir")
+    v.add_argument("dir", help="a dataset folder, or s3://bucket/prefix (AWS_* environment; docs/dataprep.md)")
     v.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes checking shards")
     v.add_argument("--rank", type=int, default=_env_int("RANK", 0))
     v.add_argument("--world-size", type=int, default=_env_int("WORLD_SIZE", 1))
     v.add_argument("--no-progress", action="store_true")
     i = sub.add_parser("inspect", help="counts, sizes, compression, statistics, dates, rejects")
-    i.add_argument("dir")
+    i.add_argument("dir", help="a dataset folder, or s3://bucket/prefix (AWS_* environment; docs/dataprep.md)")
     i.add_argument("--json", action="store_true")
 
     b = sub.add_parser("bench", help="conversion / codec / read benchmark")
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         from .verify import verify
 
         return verify(args.dir, workers=args.workers, rank=args.rank, world_size=args.world_size,
-                      progress=not args.no_progress and sys.stderr.isatty())
+                      progress=not args.no_progress and sys.stderr.isatty())  # fmt: skip
     if args.cmd == "inspect":
         from .inspect_ import inspect_dataset
 
@@ -137,13 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import bench_read
 
         return bench_read(sets=args.sets, hr_size=args.hr_size, s2_size=args.s2_size, crop=args.crop,
-                          samples=args.samples, workdir=args.workdir, rounds=args.rounds, s3=args.s3)
+                          samples=args.samples, workdir=args.workdir, rounds=args.rounds, s3=args.s3)  # fmt: skip
     if args.cmd == "bench-scale":
         from .bench_scale import bench_scale
 
         return bench_scale(rows=args.rows, workers=args.workers, reads=args.reads, workdir=args.workdir,
                            merge_rows=args.merge_rows, manifest_rows=args.manifest_rows,
-                           world_size=args.world_size)
+                           world_size=args.world_size)  # fmt: skip
     return 2
 
 

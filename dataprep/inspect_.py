@@ -1,43 +1,38 @@
-"""`python -m dataprep inspect DIR`: counts, sizes, compression per modality, band statistics, dates, rejects."""
+"""`python -m dataprep inspect DIR|URL`: counts, sizes, compression per modality, band statistics, dates, rejects.
+A URL on object storage is read through dataprep.store and prints what its local copy prints."""
 
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 
 import numpy as np
 
 from .schema import N_BANDS, days_to_iso
-from .shard import dir_bytes, shard_name
+from .shard import shard_name
+from .store import open_store
 
 
 def summarise(root: str) -> dict:
-    import pyarrow.parquet as pq
-
-    with open(os.path.join(root, "dataset.json")) as f:
-        info = json.load(f)
-    idx = pq.read_table(os.path.join(root, "index.parquet"))
-    errs = pq.read_table(os.path.join(root, "errors.parquet"))
+    store = open_store(root)
+    info, idx, errs = store.dataset_files()
     H, h = info["hr_size"], info["s2_size"]
     raw = {
         "hr": int(np.sum(idx.column("has_hr").to_numpy())) * 3 * H * H,
         "s2": info["frames"]["s2"] * N_BANDS["s2"] * h * h * 2,
         "s1": info["frames"]["s1"] * N_BANDS["s1"] * h * h * 4,
     }
-    disk = {m: 0 for m in ("hr", "s2", "s1", "osm")}
-    for k in range(info["shards"]):
-        for m in disk:
-            p = os.path.join(root, "shards", shard_name(k), m)
-            if os.path.isdir(p):
-                disk[m] += dir_bytes(p)
+    mods = ("hr", "s2", "s1", "osm")
+    folders = [f"shards/{shard_name(k)}/{m}" for k in range(info["shards"]) for m in mods]
+    *per_folder, total = store.bytes_under([*folders, ""])  # a folder that is not there holds 0 bytes
+    disk = {m: sum(per_folder[j :: len(mods)]) for j, m in enumerate(mods)}
     out = {
         "sets": info["sets"], "rejected": info["rejected"], "shards": info["shards"],
         "frames": info["frames"], "hr_size": H, "s2_size": h,
         "with_hr": int(np.sum(idx.column("has_hr").to_numpy())),
         "bytes_on_disk": {m: v for m, v in disk.items()}, "bytes_raw": raw,
         "compression_ratio": {m: round(raw[m] / disk[m], 3) if disk[m] else None for m in raw},
-        "total_bytes": dir_bytes(root),
+        "total_bytes": total,
         "stats": {m: {"mean": [round(x, 3) for x in s["mean"]], "std": [round(x, 3) for x in s["std"]]}
                   for m, s in info["stats"].items()},
         "rejected_by_kind": dict(Counter(errs.column("kind").to_pylist())),

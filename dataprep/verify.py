@@ -1,16 +1,16 @@
-"""`python -m dataprep verify DIR`: read every chunk (crc32c checked by the codec) and cross-check
-index.parquet, errors.parquet and dataset.json against the shard stores. Each problem is printed on its own line."""
+"""`python -m dataprep verify DIR|URL`: read every chunk (crc32c checked by the codec) and cross-check
+index.parquet, errors.parquet and dataset.json against the shard stores. Each problem is printed on its own line.
+A local folder and a URL on object storage go through the same checks (dataprep.store reads either)."""
 
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import sys
 
 import numpy as np
 
-from .shard import crc, read_shard_meta, shard_name
+from .shard import crc, shard_name
+from .store import LocalStore, RemoteStore, open_store
 
 
 def _locate(arr, lo: int, hi: int) -> list[str]:
@@ -36,24 +36,20 @@ def _read(arr, lo: int, hi: int, where: str, problems: list[str]):
         return None
 
 
-def _verify_shard(args: tuple[str, int, list[dict]]) -> tuple[list[str], int]:
+def _verify_shard(args: tuple[LocalStore | RemoteStore, int, list[dict]]) -> tuple[list[str], int]:
     """One shard's checks: its row list against the index, offsets and dates, every chunk read (crc32c), every
     set's checksums. Returns (problems, sets checked)."""
-    import zarr
-
-    root, k, rows = args
+    store, k, rows = args
     problems: list[str] = []
     n_checked = 0
-    path = os.path.join(root, "shards", shard_name(k))
-    meta = read_shard_meta(path)
+    meta = store.shard_meta(shard_name(k))
     if meta is None:
         problems.append(f"{shard_name(k)}: missing or has no dataprep metadata")
         return problems, n_checked
     if [r["id"] for r in rows] != [r["id"] for r in meta["rows"]]:
         problems.append(f"{shard_name(k)}: index rows differ from the shard's own row list")
     try:
-        g = zarr.open_group(path, mode="r", zarr_format=3)
-        arrs = {n: g[n] for n in ("hr", "s2", "s1", "s2_offsets", "s1_offsets", "s2_dates", "s1_dates")}
+        arrs = store.shard_arrays(shard_name(k))
     except Exception as e:  # noqa: BLE001
         problems.append(f"{shard_name(k)}: cannot open arrays: {type(e).__name__}: {e}")
         return problems, n_checked
@@ -70,8 +66,8 @@ def _verify_shard(args: tuple[str, int, list[dict]]) -> tuple[list[str], int]:
             problems.append(f"{shard_name(k)}/{m}_dates disagree with index {m}_dates")
         if arrs[m].shape[0] != want[-1]:
             problems.append(f"{shard_name(k)}/{m}: {arrs[m].shape[0]} frames, index says {want[-1]}")
-    if "osm" in g:
-        _read(g["osm"], 0, g["osm"].shape[0], f"{shard_name(k)}/osm", problems)
+    if "osm" in arrs:
+        _read(arrs["osm"], 0, arrs["osm"].shape[0], f"{shard_name(k)}/osm", problems)
     for r in rows:
         where = f"{shard_name(k)} row {r['row']} (id {r['id']})"
         a = _read(arrs["hr"], r["row"], r["row"] + 1, f"{shard_name(k)}/hr", problems)
@@ -90,20 +86,17 @@ def _verify_shard(args: tuple[str, int, list[dict]]) -> tuple[list[str], int]:
 
 
 def verify(root: str, out=sys.stdout, *, workers: int = 1, rank: int = 0, world_size: int = 1,
-           progress: bool = False) -> int:
-    """Returns 0 when the dataset is intact, 1 when any problem was found (each printed).
+           progress: bool = False) -> int:  # fmt: skip
+    """Returns 0 when the dataset at `root` (folder or URL) is intact, 1 when any problem was found (each printed).
 
     `workers` processes check shards in parallel; with `world_size` > 1 this rank checks shards k with
     k % world_size == rank (as convert writes them) and rank 0 also the dataset-wide files.
     """
-    import pyarrow.parquet as pq
-
+    store = open_store(root)
     problems: list[str] = []
     try:
-        with open(os.path.join(root, "dataset.json")) as f:
-            info = json.load(f)
-        idx = pq.read_table(os.path.join(root, "index.parquet")).to_pylist()
-        errs = pq.read_table(os.path.join(root, "errors.parquet")).to_pylist()
+        info, idx, errs = store.dataset_files()
+        idx, errs = idx.to_pylist(), errs.to_pylist()
     except (OSError, ValueError) as e:
         print(f"FAIL {root}: dataset files unreadable: {e}", file=out)
         return 1
@@ -124,18 +117,18 @@ def verify(root: str, out=sys.stdout, *, workers: int = 1, rank: int = 0, world_
     if rank != 0:  # the dataset-wide checks are rank 0's; every rank checks its own shards
         problems = []
     mine = [k for k in range(info["shards"]) if k % world_size == rank]
-    tasks = [(root, k, sorted(by_shard.get(k, []), key=lambda r: r["row"])) for k in mine]
+    tasks = [(store, k, sorted(by_shard.get(k, []), key=lambda r: r["row"])) for k in mine]
     n_checked = 0
     from tqdm import tqdm
 
     bar = tqdm(total=sum(len(t[2]) for t in tasks), unit="set", desc="verify", disable=not progress,
-               file=sys.stderr)
+               file=sys.stderr)  # fmt: skip
     pool = None
     try:
         if workers > 1 and len(tasks) > 1:
             import multiprocessing as mp
 
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            ctx = mp.get_context(store.mp_context)
             pool = ctx.Pool(min(workers, len(tasks)))
             results = pool.imap(_verify_shard, tasks)  # in shard order: the report reads the same either way
         else:
@@ -150,12 +143,12 @@ def verify(root: str, out=sys.stdout, *, workers: int = 1, rank: int = 0, world_
             pool.close()
             pool.join()
     if rank == 0:
-        extra = sorted(n for n in os.listdir(os.path.join(root, "shards")) if n.endswith(".zarr")
+        extra = sorted(n for n in store.shard_names(shard_name(info["shards"])) if n.endswith(".zarr")
                        and not n.startswith(".") and int(n[6:11]) >= info["shards"])  # fmt: skip
         problems.extend(f"{n}: shard store beyond dataset.json's {info['shards']} shards" for n in extra)
     for p in problems:
         print(f"FAIL {p}", file=out)
     part = f" (rank {rank} of {world_size})" if world_size > 1 else ""
     print(f"verify {root}{part}: {n_checked} sets in {len(mine)} shards checked, {len(problems)} problem(s)",
-          file=out)
+          file=out)  # fmt: skip
     return 1 if problems else 0

@@ -32,6 +32,14 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
     return out
 
 
+def flip(path: Path, where: float) -> None:
+    """Invert 4 bytes of a file at fraction `where` of its length (a corrupt chunk when inside one)."""
+    b = bytearray(path.read_bytes())
+    i = int(len(b) * where)
+    b[i : i + 4] = bytes(x ^ 0xFF for x in b[i : i + 4])
+    path.write_bytes(bytes(b))
+
+
 def convert_inproc(manifest: Path, out: Path, **kw) -> int:
     from dataprep.convert import ConvertConfig, convert
     from dataprep.shard import ShardConfig

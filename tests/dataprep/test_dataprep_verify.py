@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dataprep.verify import verify
-from tests.dataprep.dp_helpers import run_dataprep
+from tests.dataprep.dp_helpers import flip, run_dataprep
 
 
 def test_verify_clean(dataset):
@@ -18,24 +18,17 @@ def test_verify_clean(dataset):
     assert verify(str(dataset), out=buf) == 0, buf.getvalue()
 
 
-def _flip(path, where: float):
-    b = bytearray(path.read_bytes())
-    i = int(len(b) * where)
-    b[i : i + 4] = bytes(x ^ 0xFF for x in b[i : i + 4])
-    path.write_bytes(bytes(b))
-
-
 def test_verify_reports_corrupt_chunk(dataset, tmp_path):
     d = tmp_path / "d"
     shutil.copytree(dataset, d)
     obj = d / "shards" / "shard-00001.zarr" / "s2" / "c.0.0.0.0"  # first zarr shard object (8 frames)
-    _flip(obj, 0.05)  # inside the first frame chunk (the shard index sits at the end)
+    flip(obj, 0.05)  # inside the first frame chunk (the shard index sits at the end)
     buf = io.StringIO()
     assert verify(str(d), out=buf) == 1
     text = buf.getvalue()
     assert "shard-00001.zarr/s2: corrupt chunk 0/0/0/0" in text, text
     assert "shard-00000.zarr" not in text and "shard-00002.zarr" not in text
-    _flip(d / "shards" / "shard-00002.zarr" / "hr" / "c.1.0.0.0", 0.5)
+    flip(d / "shards" / "shard-00002.zarr" / "hr" / "c.1.0.0.0", 0.5)
     buf = io.StringIO()
     assert verify(str(d), out=buf) == 1
     assert "shard-00002.zarr/hr: corrupt chunk 1/0/0/0" in buf.getvalue(), buf.getvalue()
@@ -45,8 +38,8 @@ def test_verify_in_parallel_and_split_over_ranks_finds_the_same(dataset, tmp_pat
     """Issue 11: `verify --workers N` and `--rank r --world-size w` report exactly what the serial check reports."""
     d = tmp_path / "d"
     shutil.copytree(dataset, d)
-    _flip(d / "shards" / "shard-00001.zarr" / "s2" / "c.0.0.0.0", 0.05)
-    _flip(d / "shards" / "shard-00002.zarr" / "hr" / "c.1.0.0.0", 0.5)
+    flip(d / "shards" / "shard-00001.zarr" / "s2" / "c.0.0.0.0", 0.05)
+    flip(d / "shards" / "shard-00002.zarr" / "hr" / "c.1.0.0.0", 0.5)
 
     def fails(**kw) -> tuple[int, list[str], int]:
         buf = io.StringIO()
