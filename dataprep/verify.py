@@ -36,32 +36,38 @@ def _read(arr, lo: int, hi: int, where: str, problems: list[str]):
         return None
 
 
-def _verify_shard(args: tuple[LocalStore | RemoteStore, int, list[dict]]) -> tuple[list[str], int]:
+def _verify_shard(args: tuple[LocalStore | RemoteStore, int, list[dict], set[int]]) -> tuple[list[str], int]:
     """One shard's checks: its row list against the index, offsets and dates, every chunk read (crc32c), every
-    set's checksums. Returns (problems, sets checked)."""
-    store, k, rows = args
+    set's checksums. `unlisted`: manifest rows the merge rejected as duplicate ids, whose sets the shard stores
+    without an index row. Returns (problems, sets checked)."""
+    store, k, rows, unlisted = args
     problems: list[str] = []
     n_checked = 0
     meta = store.shard_meta(shard_name(k))
     if meta is None:
         problems.append(f"{shard_name(k)}: missing or has no dataprep metadata")
         return problems, n_checked
-    if [r["id"] for r in rows] != [r["id"] for r in meta["rows"]]:
+    listed = [r for r in meta["rows"] if r["manifest_row"] not in unlisted]
+    stored = rows  # the rows the arrays hold, in order: the index's, and the shard's own for unlisted duplicates
+    if [r["id"] for r in rows] != [r["id"] for r in listed]:
         problems.append(f"{shard_name(k)}: index rows differ from the shard's own row list")
+    elif len(listed) < len(meta["rows"]):
+        it = iter(rows)
+        stored = [r if r["manifest_row"] in unlisted else next(it) for r in meta["rows"]]
     try:
         arrs = store.shard_arrays(shard_name(k))
     except Exception as e:  # noqa: BLE001
         problems.append(f"{shard_name(k)}: cannot open arrays: {type(e).__name__}: {e}")
         return problems, n_checked
-    if arrs["hr"].shape[0] != len(rows):
-        problems.append(f"{shard_name(k)}/hr: {arrs['hr'].shape[0]} images for {len(rows)} index rows")
+    if arrs["hr"].shape[0] != len(stored):
+        problems.append(f"{shard_name(k)}/hr: {arrs['hr'].shape[0]} images for {len(stored)} stored rows")
     for m in ("s2", "s1"):
-        offs = _read(arrs[f"{m}_offsets"], 0, len(rows) + 1, f"{shard_name(k)}/{m}_offsets", problems)
+        offs = _read(arrs[f"{m}_offsets"], 0, len(stored) + 1, f"{shard_name(k)}/{m}_offsets", problems)
         dates = _read(arrs[f"{m}_dates"], 0, arrs[f"{m}_dates"].shape[0], f"{shard_name(k)}/{m}_dates", problems)
-        want = np.concatenate([[0], np.cumsum([r[f"n_{m}"] for r in rows])]).astype(np.int64)
+        want = np.concatenate([[0], np.cumsum([r[f"n_{m}"] for r in stored])]).astype(np.int64)
         if offs is not None and not np.array_equal(offs, want):
             problems.append(f"{shard_name(k)}/{m}_offsets disagree with index n_{m}")
-        want_d = np.array([d for r in rows for d in r[f"{m}_dates"]], np.int32)
+        want_d = np.array([d for r in stored for d in r[f"{m}_dates"]], np.int32)
         if dates is not None and not np.array_equal(dates, want_d):
             problems.append(f"{shard_name(k)}/{m}_dates disagree with index {m}_dates")
         if arrs[m].shape[0] != want[-1]:
@@ -117,7 +123,11 @@ def verify(root: str, out=sys.stdout, *, workers: int = 1, rank: int = 0, world_
     if rank != 0:  # the dataset-wide checks are rank 0's; every rank checks its own shards
         problems = []
     mine = [k for k in range(info["shards"]) if k % world_size == rank]
-    tasks = [(store, k, sorted(by_shard.get(k, []), key=lambda r: r["row"])) for k in mine]
+    dups: dict[int, set[int]] = {}  # shard -> manifest rows rejected by the merge as duplicate ids
+    for e in errs:
+        if e["kind"] == "duplicate_id":
+            dups.setdefault(e["shard"], set()).add(e["manifest_row"])
+    tasks = [(store, k, sorted(by_shard.get(k, []), key=lambda r: r["row"]), dups.get(k, set())) for k in mine]
     n_checked = 0
     from tqdm import tqdm
 
