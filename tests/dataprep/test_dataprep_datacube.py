@@ -256,12 +256,14 @@ TS = D / "anysat-treesat" / "Abies_alba_1_1005_WEFL_NLF"
 @pytest.mark.skipif(not TS.with_suffix(".h5").exists(), reason=f"TreeSatAI-TS sample not found under {D}")
 def test_treesat_hr_s2_s1_pair(tmp_path):
     """A true HR + S2 + S1 set: 304 px aerial at 0.2 m over 6 x 6 S2/S1 px (HR:S2 pixel ratio 50.7), resampled to
-    the canonical ratio of 32 (192 px HR over 6 px). The aerial tif is NIR, R, G, B (band means 137, 86, 82, 76
-    over a fir stand: NIR brightest), so hr_bands picks 1, 2, 3; that order is read off the data, not documented."""
+    the canonical ratio of 32 (192 px HR over 6 px). The aerial tif is IR, G, B, R, as the TreeSatAI benchmark
+    archive's documentation gives it (220629_doc_TreeSatAI_benchmark_archive.pdf, quoted by torchgeo's TreeSatAI
+    loader), so hr_bands picks R, G, B = 3, 1, 2. The band means over this fir stand agree: 137, 86, 82, 76, IR
+    brightest and green above red, as over vegetation."""
     h5, tif = f"{TS}.h5", f"{TS}.tif"
     s1 = {"cube": h5, "array": ["sen-1-asc-data", "sen-1-des-data"],
           "dates": ["sen-1-asc-products", "sen-1-des-products"], "units": "power"}  # fmt: skip
-    rows = [{"id": "treesat", "hr": tif, "hr_bands": [1, 2, 3],
+    rows = [{"id": "treesat", "hr": tif, "hr_bands": [3, 1, 2],
              "s2": {"cube": h5, "array": "sen-2-data", "dates": "sen-2-products", "scale": 1},
              "s1": {**s1, "duplicates": "first"}},
             {"id": "treesat-dup-days", "lon": 9.9, "lat": 52.1, "s1": s1}]  # fmt: skip
@@ -272,7 +274,7 @@ def test_treesat_hr_s2_s1_pair(tmp_path):
     from rasterio.warp import transform
 
     with rasterio.open(tif) as f:
-        hr = f.read()[[1, 2, 3]].astype(np.float64)
+        hr = f.read()[[3, 1, 2]].astype(np.float64)
         b = f.bounds
         lon, lat = transform(f.crs, "EPSG:4326", [(b.left + b.right) / 2], [(b.top + b.bottom) / 2])
     # area average by supersampling: 304 x 12 = 192 x 19 = 3648
