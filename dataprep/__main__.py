@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--manifest-rows", type=int, default=0,
                     help="instead: a convert rank's manifest planning (time, RSS) over a manifest this long")
     bs.add_argument("--world-size", type=int, default=16, help="with --manifest-rows: the ranks planning it")
+    bs.add_argument("--s3", action="store_true", help="with --merge-rows: also merge from a moto S3 server")
     return p
 
 
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_scale(rows=args.rows, workers=args.workers, reads=args.reads, workdir=args.workdir,
                            merge_rows=args.merge_rows, manifest_rows=args.manifest_rows,
-                           world_size=args.world_size)  # fmt: skip
+                           world_size=args.world_size, s3=args.s3)  # fmt: skip
     return 2
 
 

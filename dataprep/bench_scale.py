@@ -134,6 +134,24 @@ def _plan_rank(path: str, shard_size: int, rank: int, world_size: int) -> dict:
             "peak_rss_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # fmt: skip
 
 
+def _merge_s3(out: str, n_shards: int, endpoint: str, url: str, depth: int) -> dict:
+    """Rank 0's wait-for-shards check and merge reading the shards' metadata from S3 (`url` on `endpoint`), with
+    `depth` requests in flight, as convert runs them."""
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    from .convert import ConvertConfig, ahead, merge
+    from .s3write import S3Target
+
+    target = S3Target(url, stage=out)
+    t = time.perf_counter()
+    present = sum(ahead(target.has_shard, range(n_shards), depth))
+    t_wait = time.perf_counter() - t
+    s = merge(ConvertConfig(manifest=os.path.join(out, "manifest.jsonl"), out=out), n_shards, target.shard_meta,
+              prefetch=depth)  # fmt: skip
+    t_merge = time.perf_counter() - t - t_wait
+    return {"depth": depth, "present": present, "wait_s": round(t_wait, 1), "merge_s": round(t_merge, 1),
+            "sets": s["sets"], "ms_per_shard": round((t_wait + t_merge) / n_shards * 1e3, 1)}  # fmt: skip
+
+
 def _mem() -> dict:
     """This process's smaps_rollup in MB: rss, pss, anon (private heap), pss_file."""
     out = {}
@@ -207,9 +225,11 @@ def _open(root: str) -> dict:
 
 
 def bench_scale(rows: int, workers: int = 4, reads: int = 20000, workdir: str | None = None, seed: int = 0,
-                merge_rows: int = 0, manifest_rows: int = 0, world_size: int = 16) -> int:  # fmt: skip
+                merge_rows: int = 0, manifest_rows: int = 0, world_size: int = 16,
+                s3: bool = False) -> int:  # fmt: skip
     """Print the figures as JSON. workdir keeps the simulated index (and what the reader built) between runs.
-    merge_rows > 0: instead, rank 0's merge (peak RSS, time) over that many rows of simulated shard metadata.
+    merge_rows > 0: instead, rank 0's merge (peak RSS, time) over that many rows of simulated shard metadata; with
+    s3, also read from a moto S3 server, one request at a time and 16 in flight.
     manifest_rows > 0: instead, a convert rank's planning of a manifest that long, as rank 0 of `world_size` and
     alone (world size 1), each in a fresh process."""
     tmp = workdir or tempfile.mkdtemp(prefix="dataprep-bench-scale-")
@@ -236,6 +256,15 @@ def bench_scale(rows: int, workers: int = 4, reads: int = 20000, workdir: str | 
             n_shards = simulate_shards(out, merge_rows, seed=seed)
             res = {"merge_rows": merge_rows, "shards": n_shards, "simulate_s": round(time.perf_counter() - t, 1),
                    **_fresh("_merge", out, n_shards)}  # fmt: skip
+            if s3:  # the same merge reading the shards' metadata objects from a moto server on loopback
+                from . import remote
+
+                with remote.local_s3_server() as endpoint:
+                    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+                    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+                    os.environ.setdefault("AWS_REGION", "us-east-1")
+                    remote.upload(out, "s3://bench/merge", endpoint)
+                    res["s3"] = [_fresh("_merge_s3", out, n_shards, endpoint, "s3://bench/merge", d) for d in (1, 16)]
         finally:
             if workdir is None:
                 shutil.rmtree(tmp, ignore_errors=True)

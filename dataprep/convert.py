@@ -248,9 +248,12 @@ def _run(cfg: ConvertConfig, ranges: dict[int, RowRange], n_shards: int, shards_
         deadline = time.monotonic() + cfg.merge_timeout_s
         done = (lambda k: os.path.isdir(os.path.join(shards_dir, shard_name(k)))) if target is None else \
             target.has_shard  # fmt: skip
-        first = 0  # shards [0, first) are present; on S3 one HEAD per poll while waiting, not one per shard
+        first = 0  # shards [0, first) are present; on S3 each HEAD is asked once, `depth` of them at a time
+        depth = 1 if target is None else MERGE_FETCH_THREADS
         while True:
-            while first < n_shards and done(first):
+            for present in ahead(done, range(first, n_shards), depth):
+                if not present:
+                    break
                 first += 1
             if first == n_shards:
                 break
@@ -259,7 +262,7 @@ def _run(cfg: ConvertConfig, ranges: dict[int, RowRange], n_shards: int, shards_
                 return 2
             time.sleep(1.0)
         try:
-            summary = merge(cfg, n_shards, meta_of)
+            summary = merge(cfg, n_shards, meta_of, prefetch=depth)
         except StrictStop as e:  # a duplicate id across ranks: no rank could stop on it earlier
             print(f"dataprep: --strict: {e}", file=sys.stderr)
             return 2
@@ -276,6 +279,30 @@ def _run(cfg: ConvertConfig, ranges: dict[int, RowRange], n_shards: int, shards_
 
 
 MERGE_BATCH = 1 << 14  # rows per Parquet write in the merge: bounds rank 0's memory whatever the dataset size
+MERGE_FETCH_THREADS = 16  # shard metadata objects in flight at once in an object-store merge (latency-bound GETs)
+
+
+def ahead(fetch: Callable, keys, depth: int):
+    """fetch(k) for k in keys, yielded in order, with up to `depth` calls in flight on threads (so an object store's
+    per-request latency overlaps the caller's work; memory: `depth` results). depth <= 1: plain map."""
+    if depth <= 1:
+        yield from map(fetch, keys)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(depth) as pool:
+        pending: deque = deque()
+        try:
+            for k in keys:
+                pending.append(pool.submit(fetch, k))
+                if len(pending) >= depth:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # the caller stopped early or a fetch failed: drop what is still queued
+            for f in pending:
+                f.cancel()
 
 
 class _BatchedTable:
@@ -377,9 +404,10 @@ def _drop_duplicates(rows: _BatchedTable, errors: _BatchedTable, dups: list[dict
     rows.rows, errors.rows = new_rows.rows, new_errors.rows
 
 
-def merge(cfg: ConvertConfig, n_shards: int, meta_of: Callable[[int], dict | None] | None = None) -> dict:
+def merge(cfg: ConvertConfig, n_shards: int, meta_of: Callable[[int], dict | None] | None = None,
+          prefetch: int = 1) -> dict:  # fmt: skip
     """Stream every shard's rows, errors and stats (in shard order) into the dataset-level files in cfg.out;
-    `meta_of(k)`: shard k's metadata (default: read from cfg.out/shards)."""
+    `meta_of(k)`: shard k's metadata (default: read from cfg.out/shards), `prefetch` of them fetched at once."""
     shards_dir = os.path.join(cfg.out, "shards")
     if meta_of is None:
         meta_of = lambda k: read_shard_meta(os.path.join(shards_dir, shard_name(k)))  # noqa: E731
@@ -390,8 +418,7 @@ def merge(cfg: ConvertConfig, n_shards: int, meta_of: Callable[[int], dict | Non
     frames = {"s2": 0, "s1": 0}
     by_kind: dict[str, int] = {}
     hashes = array("q")  # of every row's id, for the duplicates across ranks (no rank saw the others' ids)
-    for k in range(n_shards):
-        meta = meta_of(k)
+    for k, meta in enumerate(ahead(meta_of, range(n_shards), prefetch)):
         for r in meta["rows"]:
             rows.add({**ROW_DEFAULTS, **r, "shard": k, "source": source})
             hashes.append(hash(r["id"]))

@@ -140,3 +140,32 @@ def test_osm_on_one_rank_only_gives_every_shard_an_osm_array(raw, tmp_path):
     assert _convert_ranks(man, ref, 1) == [0]
     assert json.loads((out / "dataset.json").read_text())["has_osm"]
     assert tree_bytes(out) == tree_bytes(ref)  # rank 0's shards hold osm arrays too, as one rank writes them
+
+
+def test_ahead_keeps_order_bounds_requests_in_flight_and_stops_early():
+    """The merge's object-store reads: in order, at most `depth` at once, none started long after the caller stops."""
+    import threading
+    import time
+
+    from dataprep.convert import ahead
+
+    lock, state, started = threading.Lock(), {"now": 0, "max": 0}, []
+
+    def fetch(k):
+        with lock:
+            started.append(k)
+            state["now"] += 1
+            state["max"] = max(state["max"], state["now"])
+        time.sleep(0.01 * (k % 3))  # out-of-order completion
+        with lock:
+            state["now"] -= 1
+        return k * k
+
+    assert list(ahead(fetch, range(40), 4)) == [k * k for k in range(40)]
+    assert 1 < state["max"] <= 4
+    started.clear()
+    for i, _ in enumerate(ahead(fetch, range(1000), 4)):
+        if i == 2:
+            break
+    assert len(started) <= 3 + 4  # the ones yielded, plus at most `depth` already asked
+    assert list(ahead(fetch, range(5), 1)) == [0, 1, 4, 9, 16]
