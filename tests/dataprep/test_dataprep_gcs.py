@@ -140,3 +140,21 @@ def test_convert_to_gcs_is_refused_with_one_line(raw, tmp_path):
     assert p.stderr.strip() == ("dataprep: gs://x/y: convert writes to local folders and s3:// only; convert locally "
                                 "and copy with `gcloud storage cp -r`")  # fmt: skip
     assert not (tmp_path / "stage").exists()
+
+
+def test_verify_and_inspect_on_gcs_report_as_local(dataset, gcs):
+    """dataprep.store reads a gs:// dataset through the same remote.kvstore: verify and inspect as for the folder."""
+    import io
+
+    from dataprep.inspect_ import summarise
+    from dataprep.verify import verify
+
+    outs = {}
+    for root in (URL, str(dataset)):
+        buf = io.StringIO()
+        rc = verify(root, out=buf)
+        outs[root] = (rc, buf.getvalue().replace(root, "ROOT"))
+    assert outs[URL] == outs[str(dataset)] and outs[URL][0] == 0, outs
+    on_gcs, local = summarise(URL), summarise(str(dataset))
+    assert on_gcs["bytes_on_disk"] == local["bytes_on_disk"]  # the shards' bytes, sized from their shard indexes
+    assert {k: v for k, v in on_gcs.items() if "bytes" not in k} == {k: v for k, v in local.items() if "bytes" not in k}
