@@ -263,7 +263,7 @@ def _run(cfg: ConvertConfig, ranges: dict[int, RowRange], n_shards: int, shards_
             time.sleep(1.0)
         try:
             summary = merge(cfg, n_shards, meta_of, prefetch=depth)
-        except StrictStop as e:  # a duplicate id across ranks: no rank could stop on it earlier
+        except StrictStop as e:  # a duplicate id: only the merge sees every id
             print(f"dataprep: --strict: {e}", file=sys.stderr)
             return 2
         if target is not None:
