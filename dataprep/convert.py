@@ -361,7 +361,7 @@ def _cross_rank_duplicates(path: str, hashes: array) -> list[dict]:
     candidate = np.isin(h, repeated)
     first: dict[str, int] = {}
     out, pos = [], 0
-    for b in pq.ParquetFile(path).iter_batches(batch_size=MERGE_BATCH,
+    for b in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=MERGE_BATCH,
                                                columns=["id", "manifest_row", "shard", "n_s2", "n_s1"]):  # fmt: skip
         sel = np.nonzero(candidate[pos : pos + len(b)])[0]
         for i, r in zip(sel, b.take(pa.array(sel)).to_pylist()):
@@ -383,14 +383,14 @@ def _drop_duplicates(rows: _BatchedTable, errors: _BatchedTable, dups: list[dict
     os.replace(errors.tmp, errors_in)
     new_rows = _BatchedTable(rows.path, rows.schema)
     pos = 0
-    for b in pq.ParquetFile(rows_in).iter_batches(batch_size=MERGE_BATCH):
+    for b in pq.ParquetFile(rows_in, pre_buffer=False).iter_batches(batch_size=MERGE_BATCH):
         new_rows.add_table(pa.Table.from_batches([b.filter(pa.array(~drop[pos : pos + len(b)]))]))
         pos += len(b)
     new_rows.commit()
     added = [{"id": d["id"], "manifest_row": d["manifest_row"], "shard": d["shard"], "kind": "duplicate_id",
               "message": f"id {d['id']}: duplicate of manifest row {d['of']}", "path": ""} for d in dups]  # fmt: skip
     new_errors, j = _BatchedTable(errors.path, errors.schema), 0
-    for b in pq.ParquetFile(errors_in).iter_batches(batch_size=MERGE_BATCH):
+    for b in pq.ParquetFile(errors_in, pre_buffer=False).iter_batches(batch_size=MERGE_BATCH):
         for e in b.to_pylist():
             while j < len(added) and (added[j]["shard"], added[j]["manifest_row"]) < (e["shard"], e["manifest_row"]):
                 new_errors.add(added[j])

@@ -76,10 +76,13 @@ def build(parquet: str | os.PathLike, out: str | os.PathLike) -> Path:
     tmp.mkdir(parents=True)
     ends = dict.fromkeys(("id", "s2", "s1"), 0)
     rows = 0
+    # pre_buffer=False: pyarrow's default pre-buffering kept the whole file's column chunks (RSS 557 MB instead of
+    # 318 MB building from a 2M-row index; grows with the rows)
     with contextlib.ExitStack() as stack:
         files = {n: stack.enter_context(open(tmp / n, "wb"))
                  for n in ("rows.bin", "id.data", "s2_dates.values", "s1_dates.values")}  # fmt: skip
-        for batch in pq.ParquetFile(parquet).iter_batches(batch_size=BATCH_ROWS, columns=[*COLUMNS, *LISTS, "id"]):
+        pf = pq.ParquetFile(parquet, pre_buffer=False)
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=[*COLUMNS, *LISTS, "id"]):
             n = batch.num_rows
             rows += n
             rec = np.zeros(n, RECORD)

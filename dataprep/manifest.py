@@ -130,7 +130,7 @@ def scan(path: str | os.PathLike, shard_size: int, keep: Callable[[int], bool] |
     if kind == "parquet":
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path, pre_buffer=False)  # pre-buffering reads ahead a whole file's columns
         out.rows = pf.metadata.num_rows
         if "osm" in pf.schema_arrow.names:
             out.has_osm = any(b.column(0).null_count < len(b) for b in pf.iter_batches(columns=["osm"]))
@@ -178,7 +178,7 @@ def read_rows(path: str | os.PathLike, rows: RowRange | None = None) -> Iterator
     if kind == "parquet":
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path, pre_buffer=False)  # pre-buffering reads ahead a whole file's columns
         lo, hi = (0, pf.metadata.num_rows) if rows is None else (rows.first, rows.last)
         n = 0
         for g in range(pf.metadata.num_row_groups):  # only the row groups holding rows [lo, hi)
