@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO / ".." / "shared" / "data"
 
@@ -79,6 +81,20 @@ def run_loader(url: str, local: Path, env: dict[str, str]) -> subprocess.Complet
 
 
 SIZES = {"hr": HR, "osm": HR, "s2": S2, "s1": S2}
+
+
+def assert_reads_equal(r, local, rng, whole: bool = False) -> None:
+    """Every set of reader r against `local` (read independently): the metadata, and random box/frame reads (and
+    each modality whole, with `whole`), values and dtypes."""
+    assert len(r) == len(local) and r.stats == local.stats
+    for i in range(len(r)):
+        assert {k: np.asarray(v).tolist() for k, v in r.meta(i).items()} == \
+               {k: np.asarray(v).tolist() for k, v in local.meta(i).items()}  # fmt: skip
+        reqs = [(m, None, None) for m in ("hr", "osm", "s2", "s1")] if whole else []
+        reqs += [random_request(rng, r, i, m) for m in ("hr", "osm", "s2", "s1", "s2", "s1")]
+        for q, a in zip(reqs, r.read_many(i, reqs)):
+            b = local.read(i, *q)
+            assert a.dtype == b.dtype and np.array_equal(a, b), (i, q)
 
 
 def random_request(rng, r, i: int, m: str) -> tuple:

