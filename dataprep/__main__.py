@@ -57,13 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     ig.add_argument("--out", required=True, help="folder for manifest.jsonl (paths in it are relative to it)")
 
     v = sub.add_parser("verify", help="read every chunk and cross-check the index against the stores")
-    v.add_argument("dir", help="a dataset folder, or s3://bucket/prefix (AWS_* environment; docs/dataprep.md)")
+    v.add_argument("dir", help="a dataset folder, or s3:// or gs://bucket/prefix (docs/dataprep.md)")
     v.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes checking shards")
     v.add_argument("--rank", type=int, default=_env_int("RANK", 0))
     v.add_argument("--world-size", type=int, default=_env_int("WORLD_SIZE", 1))
     v.add_argument("--no-progress", action="store_true")
     i = sub.add_parser("inspect", help="counts, sizes, compression, statistics, dates, rejects")
-    i.add_argument("dir", help="a dataset folder, or s3://bucket/prefix (AWS_* environment; docs/dataprep.md)")
+    i.add_argument("dir", help="a dataset folder, or s3:// or gs://bucket/prefix (docs/dataprep.md)")
     i.add_argument("--json", action="store_true")
 
     b = sub.add_parser("bench", help="conversion / codec / read benchmark")

@@ -49,12 +49,12 @@ def _codec_limit(raw_manifest: str, cfg: ShardConfig) -> tuple[float, int]:
 
     blosc.use_threads = False  # single-threaded, like each conversion worker
 
-    from .manifest import plan
+    from .manifest import plan_rows
     from .shard import _load_set
 
     chunks = []
     c0 = _cpu()
-    sets = [_load_set(spec, cfg) for spec in plan(raw_manifest)]
+    sets = [_load_set(spec, cfg) for spec in plan_rows(raw_manifest)]
     decode_cpu = _cpu() - c0
     for d in sets:
         if d["hr"] is not None:

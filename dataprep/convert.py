@@ -313,7 +313,6 @@ class _BatchedTable:
         self.writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
         self.cols: dict[str, list] = {f.name: [] for f in schema}
         self.n = self.rows = 0
-        self.pending: list[pa.Table] = []  # add_table's rows not written yet
 
     def add(self, row: dict) -> None:
         for name, col in self.cols.items():
@@ -323,22 +322,17 @@ class _BatchedTable:
             self.flush()
 
     def add_table(self, t: pa.Table) -> None:
-        """Rows as an Arrow table (not mixed with add): written in the same MERGE_BATCH-row groups as add's."""
-        self.pending.append(t)
-        self.n += len(t)
-        while self.n >= MERGE_BATCH:
-            whole = pa.concat_tables(self.pending)
-            self.writer.write_table(whole.slice(0, MERGE_BATCH))
-            self.pending, self.n, self.rows = [whole.slice(MERGE_BATCH)], self.n - MERGE_BATCH, self.rows + MERGE_BATCH
+        """Rows as an Arrow table, written as one row group."""
+        self.flush()
+        self.writer.write_table(t)
+        self.rows += len(t)
 
     def flush(self) -> None:
-        if self.pending and self.n:
-            self.writer.write_table(pa.concat_tables(self.pending))
-        elif self.n:
+        if self.n:
             self.writer.write_table(pa.table(self.cols, schema=self.schema))
         self.rows += self.n
         self.cols = {name: [] for name in self.cols}
-        self.n, self.pending = 0, []
+        self.n = 0
 
     def close(self) -> None:
         self.flush()
@@ -349,7 +343,7 @@ class _BatchedTable:
         os.replace(self.tmp, self.path)
 
 
-def _cross_rank_duplicates(path: str, hashes: array) -> list[dict]:
+def _duplicates(path: str, hashes: array) -> list[dict]:
     """The rows of the index file at `path` whose id an earlier row already has, in file order, each with the
     manifest row of the id's first occurrence ("of"). Candidates come from the ids' 64-bit hashes (8 B a row, so
     21M rows cost 168 MB), confirmed by comparing the ids themselves."""
@@ -417,7 +411,7 @@ def merge(cfg: ConvertConfig, n_shards: int, meta_of: Callable[[int], dict | Non
     acc = {m: {"count": 0, "sum": None, "sumsq": None} for m in ("hr", "s2", "s1")}
     frames = {"s2": 0, "s1": 0}
     by_kind: dict[str, int] = {}
-    hashes = array("q")  # of every row's id, for the duplicates across ranks (no rank saw the others' ids)
+    hashes = array("q")  # of every row's id, for the duplicate check (no rank saw the other ranks' ids)
     for k, meta in enumerate(ahead(meta_of, range(n_shards), prefetch)):
         for r in meta["rows"]:
             rows.add({**ROW_DEFAULTS, **r, "shard": k, "source": source})
@@ -435,7 +429,7 @@ def merge(cfg: ConvertConfig, n_shards: int, meta_of: Callable[[int], dict | Non
         del meta
     rows.close()
     errors.close()
-    dups = _cross_rank_duplicates(rows.tmp, hashes)
+    dups = _duplicates(rows.tmp, hashes)
     del hashes
     if dups and cfg.strict:
         os.remove(rows.tmp)

@@ -97,29 +97,25 @@ def _suffix(path: Path) -> str:
 def _records(f, pos: int, line: int, quoted: bool):
     """(start, stop, first line, record bytes) of each non-blank record from the binary file f, positioned at byte
     `pos`, physical line `line`. CSV (`quoted`): a newline inside a quoted field continues the record."""
-    parts, start, first = [], pos, line
+    parts, start, first, quotes = [], pos, line, 0
     for raw in f:
         parts.append(raw)
         pos += len(raw)
         line += 1
-        if quoted and sum(p.count(b'"') for p in parts) % 2:
+        quotes += raw.count(b'"') if quoted else 0
+        if quotes % 2:
             continue
         rec = b"".join(parts) if len(parts) > 1 else raw
         if rec.strip():
             yield start, pos, first, rec
-        parts, start, first = [], pos, line
+        parts, start, first, quotes = [], pos, line, 0
 
 
 def _csv_header(f) -> tuple[list[str], int, int]:
     """(column names, byte and line number after it) of a CSV file's header record, f at its start."""
-    parts, pos, line = [], 0, 1
-    for raw in f:
-        parts.append(raw)
-        pos, line = pos + len(raw), line + 1
-        rec = b"".join(parts)
-        if rec.count(b'"') % 2 == 0:
-            return next(csv.reader([rec.decode("utf-8", errors="replace")]), []), pos, line
-    return [], pos, line
+    for _, stop, first, rec in _records(f, 0, 1, quoted=True):
+        return next(csv.reader([rec.decode("utf-8", errors="replace")]), []), stop, first + rec.count(b"\n")
+    return [], 0, 1
 
 
 def scan(path: str | os.PathLike, shard_size: int, keep: Callable[[int], bool] | None = None) -> Scan:
@@ -319,7 +315,7 @@ def plan_rows(manifest: str | os.PathLike, root: str | os.PathLike | None = None
               rows: RowRange | None = None) -> list[SetSpec | Reject]:  # fmt: skip
     """Parse and row-check the manifest's rows (all, or a RowRange from `scan`): one SetSpec or Reject per row, in
     manifest order. Rejects carry `.row` and `.id`. Duplicate ids are not checked here: a rank sees only its own
-    shards' rows, so the merge rejects them (dataprep.convert.merge; `plan` below checks them for a whole file)."""
+    shards' rows, so the merge rejects them (dataprep.convert.merge)."""
     manifest = Path(manifest)
     base = str(manifest.resolve().parent)
     root_p = os.path.realpath(root) if root is not None else None
@@ -332,20 +328,4 @@ def plan_rows(manifest: str | os.PathLike, root: str | os.PathLike | None = None
             d = raw.data or {}
             r.id = str(d.get("id")) if d.get("id") is not None else ""
             out.append(r)
-    return out
-
-
-def plan(manifest: str | os.PathLike, root: str | os.PathLike | None = None) -> list[SetSpec | Reject]:
-    """plan_rows over the whole manifest, with duplicate ids rejected (the first occurrence is kept), as the
-    merge of a conversion rejects them. For tools that want a whole small manifest planned (dataprep bench)."""
-    out: list[SetSpec | Reject] = []
-    seen: dict[str, int] = {}
-    for item in plan_rows(manifest, root):
-        if isinstance(item, SetSpec):
-            if item.id in seen:
-                r = Reject("duplicate_id", f"id {item.id}: duplicate of manifest row {seen[item.id]}")
-                r.row, r.id, item = item.row, item.id, r
-            else:
-                seen[item.id] = item.row
-        out.append(item)
     return out

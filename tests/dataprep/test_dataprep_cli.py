@@ -93,10 +93,10 @@ def test_progress_and_rows_counter_advance_per_set(raw, tmp_path, monkeypatch, w
 
 def test_write_shard_reports_every_row(raw, tmp_path, monkeypatch):
     from dataprep import shard
-    from dataprep.manifest import plan
+    from dataprep.manifest import plan_rows
     from tests.dataprep.dp_helpers import HR, S2
 
-    items = plan(str(raw / "manifest.jsonl"), str(raw))[:5]
+    items = plan_rows(str(raw / "manifest.jsonl"), str(raw))[:5]
     seen = []
     monkeypatch.setattr(shard, "ON_ROW", lambda: seen.append(1))
     cfg = shard.ShardConfig(hr_size=HR, s2_size=S2, shard_size=5, frames_per_chunk_shard=8)
