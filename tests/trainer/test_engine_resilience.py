@@ -172,9 +172,10 @@ def test_incomplete_checkpoint_names_what_is_missing(tmp_path):
 def _stubs(tmp_path: Path) -> dict:
     bin_ = tmp_path / "bin"
     bin_.mkdir()
-    # scontrol show hostnames "gpu[07-08]" -> one name per line (the only call the scripts make)
+    # scontrol show hostnames "gpu[07-08]" -> one name per line (the only call the scripts make). The pause makes a
+    # reader that stops after the first line (`| head -n 1`) close the pipe before the second: SIGPIPE, every time.
     (bin_ / "scontrol").write_text('#!/usr/bin/env bash\n[ "$1 $2" = "show hostnames" ] || exit 9\n'
-                                   'echo gpu07\necho gpu08\n')
+                                   'echo gpu07\nsleep 0.3\necho gpu08\n')
     # srun: run the command once per node, as Slurm's task on that node would (SLURM_NODEID set)
     (bin_ / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
                                'for ((i = 0; i < SLURM_JOB_NUM_NODES; i++)); do SLURM_NODEID=$i "$@" || exit; done\n')
