@@ -65,6 +65,7 @@ class RemoteStore:
 
     def __init__(self, url: str):
         self.location = self.url = url
+        self.known: dict[str, int] = {}  # key -> bytes of the dataset-level objects already read (not read again)
 
     def _kv(self, rel: str = ""):
         from . import tsio
@@ -74,10 +75,12 @@ class RemoteStore:
     def dataset_files(self):
         import pyarrow.parquet as pq
 
-        info, idx = _info_and_index(str(remote.mirror(self.url)))
+        mirror = remote.mirror(self.url)
+        info, idx = _info_and_index(str(mirror))
         r = self._kv().read("errors.parquet").result()
         if r.state != "value":
             raise FileNotFoundError(f"{self.url}/errors.parquet: no such object")
+        self.known = {n: (mirror / n).stat().st_size for n in remote.META_FILES} | {"errors.parquet": len(r.value)}
         return info, idx, pq.read_table(io.BytesIO(r.value))
 
     def shard_meta(self, name: str) -> dict | None:
@@ -103,7 +106,7 @@ class RemoteStore:
         return sorted({k.decode().split("/")[0] for k in self._kv("shards").list(rng).result()})
 
     def bytes_under(self, folders: list[str]) -> list[int]:
-        sizes = _object_sizes(self._kv())
+        sizes = _object_sizes(self._kv(), self.known)
         pre = [f.strip("/") + "/" if f.strip("/") else "" for f in folders]
         return [sum(v for k, v in sizes.items() if k.startswith(p)) for p in pre]
 
@@ -139,13 +142,15 @@ def _clip(s, n: int):
     return slice(lo, max(lo, hi))
 
 
-def _object_sizes(kv, batch: int = 512) -> dict[str, int]:
-    """key -> bytes of every object under kv. A zarr shard object is sized from its shard index (a suffix read of
-    16 bytes per inner chunk: chunks + index, as dataprep and zarr-python write them, without gaps); any other
-    object is read whole."""
+def _object_sizes(kv, known: dict[str, int] | None = None, batch: int = 512) -> dict[str, int]:
+    """key -> bytes of every object under kv. `known`: sizes already known (index.parquet at 21M sets is GBs, and
+    inspect has fetched it). A zarr shard object is sized from its shard index (a suffix read of 16 bytes per inner
+    chunk: chunks + index, as dataprep and zarr-python write them, without gaps); any other object is read whole."""
     keys = [k.decode() for k in kv.list().result()]
+    listed = set(keys)
+    known = {k: v for k, v in (known or {}).items() if k in listed}
     metas = _read_all(kv, [k for k in keys if k.rsplit("/", 1)[-1] == "zarr.json"], batch)
-    sizes = {k: len(r.value) for k, r in metas.items()}
+    sizes = {**known, **{k: len(r.value) for k, r in metas.items()}}
     index_bytes = {}
     for key, r in metas.items():
         folder, m = key[: -len("zarr.json")], json.loads(r.value)

